@@ -1,0 +1,1 @@
+"""Parity: every runtime against the PyTorch reference."""

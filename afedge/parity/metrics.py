@@ -1,0 +1,43 @@
+"""Error metrics between a tensor under test and its reference (numpy or torch in, floats out)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def _np(x) -> np.ndarray:
+    return x.detach().cpu().double().numpy() if hasattr(x, "detach") else np.asarray(x, dtype=np.float64)
+
+
+def max_abs(x, ref) -> float:
+    return float(np.max(np.abs(_np(x) - _np(ref)))) if _np(ref).size else 0.0
+
+
+def max_rel(x, ref) -> float:
+    """max|x - ref| / max|ref| (0 when both are zero; inf when x is non-finite)."""
+    a, r = _np(x), _np(ref)
+    if not np.all(np.isfinite(a)):
+        return float("inf")
+    scale = float(np.max(np.abs(r))) if r.size else 0.0
+    err = float(np.max(np.abs(a - r))) if r.size else 0.0
+    return err / scale if scale else err
+
+
+def sqnr_db(x, ref) -> float:
+    """10 log10(|ref|^2 / |x - ref|^2); inf when equal."""
+    a, r = _np(x), _np(ref)
+    noise = float(np.sum((a - r) ** 2))
+    if not np.isfinite(noise):
+        return float("-inf")
+    return float("inf") if noise == 0 else 10.0 * float(np.log10(float(np.sum(r ** 2)) / noise))
+
+
+def cosine(x, ref) -> float:
+    a, r = _np(x).ravel(), _np(ref).ravel()
+    den = float(np.linalg.norm(a) * np.linalg.norm(r))
+    return float(a @ r) / den if den else 1.0
+
+
+def top1_agreement(x, ref) -> float:
+    """Fraction of rows (last axis = vocab) whose argmax agrees."""
+    a, r = _np(x), _np(ref)
+    return float(np.mean(a.argmax(-1) == r.argmax(-1)))

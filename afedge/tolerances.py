@@ -1,0 +1,42 @@
+"""The one tolerance table. Every parity check (tests, the export gate, `afedge parity`) reads its bounds here.
+
+`max_rel` is max|x - ref| / max|ref| over a tensor (elementwise relative error is meaningless near zero).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    max_rel: float          # bound on max|x - ref| / max|ref| (logits and outputs)
+    sqnr_db: float          # lower bound on the signal-to-quantisation-noise ratio of logits
+    top1: float             # lower bound on the fraction of positions with the same argmax
+    greedy: float           # lower bound on the fraction of identical greedy tokens over a decode
+    state_rel: float        # bound on the relative error of each state slot
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    # fp32 program vs the fp64 naive reference, or an fp32 runtime vs the fp32 torch reference.
+    "fp32": Tolerance(max_rel=1e-4, sqnr_db=60.0, top1=1.0, greedy=1.0, state_rel=1e-4),
+    # fp16 weights/activations, fp32 state.
+    "fp16": Tolerance(max_rel=2e-2, sqnr_db=35.0, top1=0.98, greedy=0.9, state_rel=2e-2),
+    # int8 weights (weight-only or dynamic activations), fp32 state.
+    "int8": Tolerance(max_rel=0.1, sqnr_db=30.0, top1=0.98, greedy=0.9, state_rel=0.1),
+    # int4 groupwise weights, fp32 state.
+    "int4": Tolerance(max_rel=0.3, sqnr_db=20.0, top1=0.95, greedy=0.8, state_rel=0.3),
+    # static QDQ (activations quantised too): NPU schemes.
+    "qdq": Tolerance(max_rel=0.3, sqnr_db=20.0, top1=0.95, greedy=0.8, state_rel=0.3),
+    # families whose recurrence is a documented approximation (distilled filters): the bound on step vs parallel.
+    "approx": Tolerance(max_rel=5e-2, sqnr_db=25.0, top1=0.95, greedy=0.8, state_rel=float("inf")),
+}
+
+# Long-horizon drift: fp32 `step` vs fp64 `step`, relative error bound after N steps.
+DRIFT_MAX_REL = 1e-3
+
+
+def tolerance(profile: str) -> Tolerance:
+    try:
+        return TOLERANCES[profile]
+    except KeyError:
+        raise KeyError(f"unknown tolerance profile '{profile}'; known: {', '.join(TOLERANCES)}") from None

@@ -1,0 +1,1 @@
+"""Exporters, one file each, registered in EXPORTERS. Heavy imports happen inside each exporter."""

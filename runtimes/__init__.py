@@ -1,0 +1,1 @@
+"""Runtimes, one file each, registered in RUNTIMES. Heavy imports happen inside each runtime."""

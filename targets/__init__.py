@@ -1,0 +1,1 @@
+"""Target profiles as TOML data; see afedge.targets_loader... loaded by afedge.target."""
