@@ -1,1 +1,1 @@
-"""Target profiles as TOML data; see afedge.targets_loader... loaded by afedge.target."""
+"""Target profiles as TOML data (one file per hardware class), loaded and validated by afedge.target."""

@@ -21,6 +21,8 @@ class Mixer(nn.Module):
 
     family: ClassVar[str] = ""
     exact: ClassVar[bool] = True  # False where `step` approximates `forward` (windowed, distilled)
+    # Parameter/buffer name prefixes the quantizer keeps fp32: decays, dt, A, norms (state-aware quantization).
+    fp32_params: ClassVar[tuple[str, ...]] = ()
 
     def state_slots(self, batch: int) -> list[StateSlot]:
         """The local state slots (unqualified names), shapes including `batch`."""

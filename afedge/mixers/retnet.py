@@ -19,6 +19,7 @@ from afedge.state import StateSlot
 @MIXERS.register("retnet")
 class RetNet(Mixer):
     family = "retnet"
+    fp32_params = ("log_gamma",)
 
     def __init__(self, d_model: int, n_heads: int = 2, head_dim: int | None = None) -> None:
         super().__init__()
