@@ -1,0 +1,149 @@
+"""`afedge export`: rewrite -> every exporter the target names -> bundle -> parity gate -> rename into place."""
+from __future__ import annotations
+
+import platform
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+import afedge
+from afedge.bundle import Bundle, BundleError, load_bundle, staged, write_manifest
+from afedge.checkpoint import load_checkpoint, save_checkpoint
+from afedge.exporting import EXPORTERS, Artifact, load_plugins
+from afedge.parity.compare import Report, compare
+from afedge.parity.workloads import Workload, prompt_decode
+from afedge.rewrite import RecurrentProgram, to_recurrent
+from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
+from afedge.target import Target
+from afedge.tokenizer import byte_tokenizer
+from afedge.tolerances import tolerance
+
+REFERENCE_DIR, TOKENIZER = "reference", "tokenizer.json"
+Progress = Callable[[str], None]
+
+
+@dataclass
+class GateResult:
+    artifact: str
+    status: str            # "pass" | "fail" | "unavailable"
+    report: Report | None
+    reason: str = ""
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "metrics": self.report.to_json() if self.report else None}
+
+
+def versions() -> dict[str, str]:
+    out = {"afedge": afedge.__version__, "python": platform.python_version()}
+    for pkg in ("torch", "numpy", "onnx", "onnxruntime", "executorch", "torchao", "apache-tvm", "tokenizers"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def open_session(bundle: Bundle, artifact: Artifact, threads: int | None = None) -> ArtifactSession:
+    """Open one artifact of a verified bundle with its runtime (RuntimeUnavailable if it cannot run here)."""
+    load_plugins()
+    profile = bundle.manifest["target"]["profile"]
+    options = profile.get({"onnxruntime": "onnx"}.get(artifact.runtime, artifact.runtime), {})
+    files = {m: bundle.file(f) for m, f in artifact.files.items()}
+    return RUNTIMES.get(artifact.runtime)(files, bundle.info, threads or profile["threads"], artifact.arch, options)
+
+
+def reference_program(bundle: Bundle) -> RecurrentProgram:
+    """The PyTorch reference rebuilt from the bundle's own (hash-verified) weights."""
+    p = bundle.manifest["program"]
+    return to_recurrent(load_checkpoint(bundle.file(REFERENCE_DIR)), p["chunk_size"], p["prefill_len"], p["batch"])
+
+
+def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progress = print) -> list[GateResult]:
+    """Compare every artifact that can run on this machine with the torch reference."""
+    from afedge.runtimes.torch import TorchSession
+    ref = TorchSession(reference_program(bundle), bundle.manifest["target"]["profile"]["threads"])
+    results = []
+    for art in bundle.artifacts:
+        progress(f"parity {art.name}")
+        try:
+            sess = open_session(bundle, art)
+        except RuntimeUnavailable as e:
+            results.append(GateResult(art.name, "unavailable", None, str(e)))
+            continue
+        rep = compare(ref, sess, workload, tolerance(tol_name), tol_name)
+        sess.close()
+        results.append(GateResult(art.name, "pass" if rep.passed else "fail", rep, rep.failure))
+    return results
+
+
+def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporters: list[str] | None = None,
+                  quant: str | None = None, verify: bool = True, steps: int = 256, source: dict | None = None,
+                  progress: Progress = print) -> tuple[Bundle, list[GateResult]]:
+    """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate."""
+    load_plugins()
+    quant = quant or target.quant
+    names = exporters or list(target.exporters)
+    for n in names:
+        EXPORTERS.get(n)  # unknown names fail before anything is written
+    with staged(out) as tmp:
+        artifacts: list[Artifact] = []
+        for n in names:
+            progress(f"export {n}")
+            artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
+        save_checkpoint(program.model, tmp / REFERENCE_DIR)
+        byte_tokenizer().save(str(tmp / TOKENIZER))
+        manifest = _manifest(program, target, quant, artifacts, source or {})
+        write_manifest(tmp, manifest)
+        results: list[GateResult] = []
+        if verify:
+            results = run_gate(load_bundle(tmp), prompt_decode(40, steps), target.tolerance, progress)
+        verdict = _verdict(results, verify)
+        write_manifest(tmp, manifest | {"parity": {"verdict": verdict, "workload": prompt_decode(40, steps).id,
+                                                   "tolerance": target.tolerance,
+                                                   "artifacts": {r.artifact: r.to_json() for r in results}}})
+        if verdict == "fail":
+            failed = "; ".join(r.reason for r in results if r.status == "fail")
+            raise ParityGateError(f"parity gate failed, bundle not written to {out}: {failed} "
+                                  f"(use --no-verify to write it anyway)", results)
+    return load_bundle(out), results
+
+
+class ParityGateError(BundleError):
+    def __init__(self, msg: str, results: list[GateResult]) -> None:
+        super().__init__(msg)
+        self.results = results
+
+
+def _verdict(results: list[GateResult], verify: bool) -> str:
+    if not verify:
+        return "skipped"
+    if any(r.status == "fail" for r in results):
+        return "fail"
+    return "pass" if any(r.status == "pass" for r in results) else "unverified"
+
+
+def _manifest(program: RecurrentProgram, target: Target, quant: str, artifacts: list[Artifact], source: dict) -> dict:
+    spec = program.spec
+    return {
+        "afedge_version": afedge.__version__,
+        "model": {"config": program.model.cfg.to_dict(), "families": program.model.family_per_layer(),
+                  "parameters": sum(p.numel() for p in program.model.parameters()), "source": source,
+                  "reference": REFERENCE_DIR},
+        "program": {"vocab_size": program.vocab_size, "prefill_len": program.prefill_len,
+                    "chunk_size": program.chunk_size, "batch": program.batch,
+                    "input_names": {m: program.input_names(m) for m in ("step", "prefill")},
+                    "output_names": program.output_names()},
+        "state": spec.to_json(),
+        "state_bytes": spec.nbytes,
+        "state_exact": spec.exact,
+        "rewrite_report": program.report(),
+        "target": {"name": target.name, "profile": {k: v for k, v in target.__dict__.items() if k != "path"}},
+        "quant": quant,
+        "tokenizer": TOKENIZER,
+        "artifacts": [a.to_json() for a in artifacts],
+        "versions": versions(),
+        "parity": {"verdict": "pending"},
+    }

@@ -1,0 +1,31 @@
+"""The embedded default model and zoo presets (seeded, so a config alone rebuilds the weights)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from afedge.checkpoint import load_checkpoint
+from afedge.mixers import MIXERS
+from afedge.model import LM, LMConfig
+
+# Until the demo chat checkpoint ships, the default is a small seeded RetNet over bytes.
+DEFAULT = LMConfig(vocab_size=256, d_model=64, n_layers=2, mixer="retnet", mixer_kwargs={"n_heads": 4}, seed=0)
+
+
+def zoo_model(family: str, d_model: int = 64, n_layers: int = 2, seed: int = 0) -> LM:
+    """A small random-init byte-level model of any registered family."""
+    MIXERS.get(family)  # a clear error for unknown names
+    return LM(LMConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, mixer=family, seed=seed))
+
+
+def resolve_model(spec: str | None) -> tuple[LM, dict]:
+    """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint.
+    Returns the model and a `source` record for the manifest."""
+    if spec is None or spec == "default":
+        return LM(DEFAULT), {"kind": "default", "config": DEFAULT.to_dict()}
+    if spec.startswith("zoo:"):
+        return zoo_model(spec.removeprefix("zoo:")), {"kind": "zoo", "family": spec.removeprefix("zoo:")}
+    path = Path(spec)
+    if path.is_dir():
+        return load_checkpoint(path), {"kind": "checkpoint", "path": str(path.resolve())}
+    raise ValueError(f"--model '{spec}': not 'default', 'zoo:<family>' or a checkpoint directory "
+                     f"(families: {', '.join(MIXERS.names())})")
