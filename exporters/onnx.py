@@ -1,0 +1,168 @@
+"""ONNX exporter: both methods of a program as two static-shape ONNX graphs, `step.onnx` and `prefill.onnx`.
+
+Flow: `program.graph(method)` -> `torch.onnx.export(..., dynamo=True)` under `torch.no_grad()` -> `ONNXProgram.save`
+-> `onnx.checker`. Weights are inlined (one self-contained file per method, so a copied-alone .onnx still loads)
+unless the model is over `external_data_threshold`, where protobuf's 2 GB limit forces external data: each method
+then gets a `<file>.data` next to it, which the bundle carries. Heavy imports (onnx, torch.onnx) are lazy.
+
+Calling convention of both graphs, names included (ORT feeds by name):
+  step:    token (B,) int64,       state.<slot>... -> logits (B, V) float32, state_out.<slot>...
+  prefill: tokens (B, T) int64,    state.<slot>... -> logits (B, V) float32, state_out.<slot>...
+"""
+from __future__ import annotations
+
+import re
+import time
+import warnings
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
+from afedge.rewrite import METHODS, RecurrentProgram
+from afedge.target import Target
+
+__all__ = ["OnnxExporter", "op_types", "model_nbytes"]
+
+
+@EXPORTERS.register("onnx")
+class OnnxExporter(Exporter):
+    name = "onnx"
+    runtime = "onnxruntime"
+    extra = "onnx"
+    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32",)   # ORT quantization (int8-dyn, int4, QDQ) comes later
+    opset: ClassVar[int] = 18                               # default; a target's `[onnx] opset` overrides it
+    external_data_threshold: ClassVar[int] = 2 * 1024**3    # bytes of weights above which data goes external
+    files: ClassVar[dict[str, str]] = {m: f"{m}.onnx" for m in METHODS}
+
+    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
+        self.check_quant(quant, target)
+        onnx = require("onnx", self.extra)
+        require("onnxscript", self.extra)  # torch.onnx's dynamo exporter needs it
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        opset = int(target.onnx.get("opset", self.opset))
+        threshold = int(target.onnx.get("external_data_threshold", self.external_data_threshold))
+        weights = model_nbytes(program.model)
+        external = weights > threshold
+
+        info: dict = {"opset": opset, "ir_version": None, "external_data": {}, "weights_bytes": weights,
+                      "ops": {}, "bytes": {}, "export_seconds": {}}
+        for method in METHODS:
+            path = out_dir / self.files[method]
+            t0 = time.perf_counter()
+            onnx_program = self._export_graph(program, method, opset, target)
+            onnx_program.save(str(path), external_data=external)
+            info["export_seconds"][method] = round(time.perf_counter() - t0, 3)
+            data = path.with_name(path.name + ".data")
+            if external and data.is_file():
+                info["external_data"][method] = data.name
+            try:
+                # The path form reads external data itself and lifts the 2 GB proto limit.
+                onnx.checker.check_model(str(path) if external else onnx.load(str(path)))
+            except onnx.checker.ValidationError as e:
+                raise ExportError(f"exporter 'onnx' (target {target.name}): method '{method}' exported but "
+                                  f"{path.name} fails onnx.checker: {str(e).strip().splitlines()[0]}") from None
+            model = onnx.load(str(path), load_external_data=False)
+            info["ir_version"] = int(model.ir_version)
+            info["ops"][method] = op_types(model)
+            info["bytes"][method] = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        return [Artifact(name="onnx", exporter=self.name, runtime=self.runtime, arch="any",
+                         files=dict(self.files), info=info)]
+
+    def _export_graph(self, program: RecurrentProgram, method: str, opset: int, target: Target):
+        """torch.onnx.export of one method; any failure becomes an ExportError naming the op and where it is."""
+        graph = program.graph(method).eval()
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.onnx.export(graph, program.example_inputs(method), None, dynamo=True,
+                                         opset_version=opset, input_names=program.input_names(method),
+                                         output_names=program.output_names(), external_data=False,
+                                         verbose=False)
+        except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; all become one clear error
+            raise ExportError(f"exporter 'onnx' (target {target.name}) cannot export method '{method}' of "
+                              f"{'/'.join(dict.fromkeys(program.model.family_per_layer()))}: "
+                              f"{_describe_failure(e)} (try another exporter, or rewrite that op in the mixer)"
+                              ) from e
+
+
+def model_nbytes(model: torch.nn.Module) -> int:
+    """Bytes of every distinct parameter and buffer (tied weights counted once)."""
+    seen, total = set(), 0
+    for t in (*model.parameters(), *model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def op_types(model) -> list[str]:
+    """Sorted op types of a ModelProto, nested subgraphs and local functions included (`domain::Op` off-default)."""
+    ops: set[str] = set()
+
+    def walk(nodes) -> None:
+        for n in nodes:
+            ops.add(n.op_type if n.domain in ("", "ai.onnx") else f"{n.domain}::{n.op_type}")
+            for a in n.attribute:
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    walk(g.node)
+
+    walk(model.graph.node)
+    for f in model.functions:
+        walk(f.node)
+    return sorted(ops)
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The failing aten/prims op, its FX node and the source line it came from, plus the root cause's message."""
+    chain, e = [], exc
+    while e is not None and e not in chain:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    node = _failing_fx_node(chain)
+    root = next((line.strip() for line in str(chain[-1]).splitlines() if line.strip()), type(chain[-1]).__name__)
+    if node is not None:
+        where = _source_of(node)
+        return f"op {node.target} (node %{node.name}{' ' + where if where else ''}): {root}"
+    text = "\n".join(str(c) for c in chain)
+    if m := re.search(r"target=torch\.ops\.([\w.]+)", text):
+        return f"op {m.group(1)}: {root}"
+    return f"{type(chain[-1]).__name__}: {root}"
+
+
+def _failing_fx_node(chain: list[BaseException]):
+    """The torch.fx.Node being translated when torch.onnx failed (from the translator's frame), or None."""
+    for e in chain:
+        tb = e.__traceback__
+        while tb is not None:
+            node = tb.tb_frame.f_locals.get("node")
+            if isinstance(node, torch.fx.Node) and node.op == "call_function":
+                return node
+            tb = tb.tb_next
+    return None
+
+
+def _source_of(node) -> str:
+    """'from aten.cumprod.default (torch.cumprod), afedge/mixers/x.py:42 in blocks.0.mixer (X)', as far as known.
+
+    Non-strict torch.export keeps only `forward` frames, so for `step` graphs the line is often the graph's own
+    forward; the original aten op and torch function still say what to look for in the mixer."""
+    parts = []
+    original = node.meta.get("original_aten")
+    if original is not None and str(original) != str(node.target):
+        parts.append(f"from {original}")
+    fn = node.meta.get("torch_fn")
+    if fn and len(fn) == 2:
+        parts.append(f"(torch {str(fn[1]).rsplit('.', 1)[-1]})")
+    frames = re.findall(r'File "([^"]+)", line (\d+)', node.meta.get("stack_trace") or "")
+    if frames:
+        file, line = frames[-1]
+        parts.append(f"at {'afedge/' + file.split('/afedge/')[-1] if '/afedge/' in file else file}:{line}")
+    stack = [v for v in (node.meta.get("nn_module_stack") or {}).values() if v[0]]
+    if stack:
+        path, cls = stack[-1]
+        cls_name = getattr(cls, "__name__", str(cls).rsplit(".", 1)[-1].strip("'>"))
+        parts.append(f"in {path.removeprefix('L__self___')} ({cls_name})")
+    return " ".join(parts)

@@ -1,0 +1,111 @@
+"""ExecuTorch runtime: a multi-method `model.pte` (methods `step` and `prefill`) through the pip runtime.
+
+`executorch.runtime.Runtime.get().load_program(path)` -> `load_method("step" | "prefill")` -> `execute([...])`,
+torch tensors in and out (made from / turned back into numpy). The runtime copies outputs out on every call, so
+a method's results stay valid after the next call.
+
+Backends: the pip runtime registers XnnpackBackend (plus Qnn and Openvino, which need their SDKs); a .pte that
+delegates to a backend this runtime lacks (CoreMLBackend on Linux) raises RuntimeUnavailable naming it.
+
+Threads: XNNPACK runs on ExecuTorch's one process-wide threadpool. `_load` resizes it to `threads` with
+`portable_lib._unsafe_reset_threadpool` (unsafe only while a method is executing, which a session never does
+concurrently); sessions opened with different `threads` in one process therefore share the last setting.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from afedge.exporting import require
+from afedge.rewrite import METHODS
+from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
+
+__all__ = ["ExecuTorchSession", "required_backends", "registered_backends", "set_threads"]
+
+EXTRA = "executorch"
+
+
+def registered_backends() -> list[str]:
+    """Backend ids registered in this process's ExecuTorch runtime (e.g. ['QnnBackend', 'XnnpackBackend'])."""
+    from executorch.runtime import Runtime
+    return list(Runtime.get().backend_registry.registered_backend_names)
+
+
+def required_backends(path) -> list[str]:
+    """Backend ids the delegates of a .pte file name, read from its flatbuffer (every execution plan)."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    pte = deserialize_pte_binary(open(path, "rb").read())
+    prog = getattr(pte, "program", pte)
+    return sorted({d.id for plan in prog.execution_plan for d in plan.delegates})
+
+
+def set_threads(n: int) -> int:
+    """Resize ExecuTorch's process-wide threadpool (used by XNNPACK) to `n`; returns the size now in effect."""
+    from executorch.extension.pybindings import portable_lib
+    if portable_lib._threadpool_get_thread_count() != n:
+        portable_lib._unsafe_reset_threadpool(int(n))
+    return int(portable_lib._threadpool_get_thread_count())
+
+
+@RUNTIMES.register("executorch")
+class ExecuTorchSession(ArtifactSession):
+    runtime = "executorch"
+
+    def _load(self) -> None:
+        require("executorch.runtime", EXTRA)
+        from executorch.runtime import Runtime
+
+        paths = {self.files[m] for m in METHODS}
+        if len(paths) != 1:
+            raise ValueError(f"executorch: both methods must live in one .pte, got {sorted(map(str, paths))}")
+        self.path = paths.pop()
+        if not self.path.is_file():
+            raise FileNotFoundError(f"executorch: {self.path} does not exist")
+        self.effective_threads = set_threads(self.threads)
+        runtime = Runtime.get()
+        try:
+            self.program = runtime.load_program(self.path)
+        except Exception as e:
+            raise RuntimeError(f"executorch: cannot load {self.path.name}: {e}") from e
+        if missing := [m for m in METHODS if m not in self.program.method_names]:
+            raise ValueError(f"executorch: {self.path.name} has methods {sorted(self.program.method_names)}, "
+                             f"missing {missing}")
+        self._check_backends()
+        self.methods = {}
+        for m in METHODS:
+            try:
+                self.methods[m] = self.program.load_method(m)
+            except Exception as e:
+                self._check_backends(force=True)
+                raise RuntimeError(f"executorch: cannot load method '{m}' of {self.path.name}: {e}") from e
+
+    def _check_backends(self, force: bool = False) -> None:
+        """RuntimeUnavailable when the .pte delegates to a backend this runtime does not register.
+
+        Reading the flatbuffer costs a little, so by default only .pte files that mention a backend outside the
+        registered set are parsed (a byte search for the ids of the known delegates)."""
+        have = set(registered_backends())
+        if not force:
+            blob = self.path.read_bytes()
+            suspects = [b for b in (b"CoreMLBackend", b"MPSBackend", b"VulkanBackend", b"QnnBackend",
+                                    b"OpenvinoBackend", b"MLXBackend", b"NeuronBackend", b"CudaBackend")
+                        if b.decode() not in have and b in blob]
+            if not suspects:
+                return
+        missing = [b for b in required_backends(self.path) if b not in have]
+        if missing:
+            where = ("run it on an Apple device (iOS / macOS ExecuTorch build with the Core ML backend)"
+                     if any(b in ("CoreMLBackend", "MPSBackend") for b in missing)
+                     else "run it with an ExecuTorch build that links that backend")
+            raise RuntimeUnavailable(f"executorch: {self.path.name} delegates to {', '.join(missing)}: "
+                                     f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not registered "
+                                     f"in this ExecuTorch runtime (registered: {', '.join(sorted(have)) or 'none'})"
+                                     f"; {where}")
+
+    def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        import torch
+        args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+        out = self.methods[method].execute(args)
+        return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out]
+
+    def close(self) -> None:
+        self.methods, self.program = {}, None
