@@ -34,13 +34,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from afedge.zoo import resolve_model
     con = _console()
     target = load_target(args.target)
-    model, source = resolve_model(args.model)
-    program = to_recurrent(model, target.chunk_size, target.prefill_len)
+    resolved = resolve_model(args.model)
+    program = to_recurrent(resolved.model, target.chunk_size, target.prefill_len)
     out = Path(args.out or f"out/{target.name}")
     exporters = args.runtimes.split(",") if args.runtimes else None
     with con.status(f"exporting for {target.name}") as status:
         bundle, results = export_bundle(program, target, out, exporters, args.quant, not args.no_verify,
-                                        args.steps, source, progress=lambda m: status.update(m))
+                                        args.steps, resolved.source, progress=lambda m: status.update(m),
+                                        tokenizer=resolved.tokenizer)
     gate = {r.artifact: r for r in results}
     table = Table("artifact", "runtime", "arch", "files", "size", "parity", title=f"bundle {out}")
     for art in bundle.artifacts:

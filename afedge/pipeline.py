@@ -18,7 +18,7 @@ from afedge.parity.workloads import Workload, prompt_decode
 from afedge.rewrite import RecurrentProgram, to_recurrent
 from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
 from afedge.target import Target
-from afedge.tokenizer import byte_tokenizer
+from afedge.tokenizer import byte_tokenizer, load_tokenizer
 from afedge.tolerances import tolerance
 
 REFERENCE_DIR, TOKENIZER = "reference", "tokenizer.json"
@@ -81,8 +81,10 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
 
 def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporters: list[str] | None = None,
                   quant: str | None = None, verify: bool = True, steps: int = 256, source: dict | None = None,
-                  progress: Progress = print) -> tuple[Bundle, list[GateResult]]:
-    """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate."""
+                  progress: Progress = print, tokenizer: Path | None = None) -> tuple[Bundle, list[GateResult]]:
+    """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate.
+
+    tokenizer: a `tokenizer.json` to carry into the bundle (None: the byte-level tokenizer, vocab 256)."""
     load_plugins()
     quant = quant or target.quant
     names = exporters or list(target.exporters)
@@ -94,7 +96,7 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
             progress(f"export {n}")
             artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
         save_checkpoint(program.model, tmp / REFERENCE_DIR)
-        byte_tokenizer().save(str(tmp / TOKENIZER))
+        _write_tokenizer(tokenizer, program.vocab_size, tmp / TOKENIZER)
         manifest = _manifest(program, target, quant, artifacts, source or {})
         write_manifest(tmp, manifest)
         results: list[GateResult] = []
@@ -109,6 +111,16 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
             raise ParityGateError(f"parity gate failed, bundle not written to {out}: {failed} "
                                   f"(use --no-verify to write it anyway)", results)
     return load_bundle(out), results
+
+
+def _write_tokenizer(src: Path | None, vocab_size: int, dst: Path) -> None:
+    """Copy `src` (or write the byte tokenizer) to `dst`; refuse a tokenizer whose ids overflow the embedding."""
+    tok = byte_tokenizer() if src is None else load_tokenizer(Path(src))
+    n = tok.get_vocab_size(with_added_tokens=True)
+    if n > vocab_size:
+        raise BundleError(f"{src or 'byte tokenizer'}: {n} token ids but the model's embedding has only "
+                          f"{vocab_size} rows (vocab_size in the model config)")
+    tok.save(str(dst))
 
 
 class ParityGateError(BundleError):

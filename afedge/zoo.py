@@ -1,6 +1,7 @@
 """The embedded default model and zoo presets (seeded, so a config alone rebuilds the weights)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from afedge.checkpoint import load_checkpoint
@@ -17,15 +18,26 @@ def zoo_model(family: str, d_model: int = 64, n_layers: int = 2, seed: int = 0) 
     return LM(LMConfig(vocab_size=256, d_model=d_model, n_layers=n_layers, mixer=family, seed=seed))
 
 
-def resolve_model(spec: str | None) -> tuple[LM, dict]:
-    """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint.
-    Returns the model and a `source` record for the manifest."""
+@dataclass
+class ResolvedModel:
+    """A model ready to rewrite, with its `source` record for the manifest and the tokenizer.json to carry
+    (None: the byte-level tokenizer)."""
+
+    model: LM
+    source: dict
+    tokenizer: Path | None = None
+
+
+def resolve_model(spec: str | None) -> ResolvedModel:
+    """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint."""
     if spec is None or spec == "default":
-        return LM(DEFAULT), {"kind": "default", "config": DEFAULT.to_dict()}
+        return ResolvedModel(LM(DEFAULT), {"kind": "default", "config": DEFAULT.to_dict()})
     if spec.startswith("zoo:"):
-        return zoo_model(spec.removeprefix("zoo:")), {"kind": "zoo", "family": spec.removeprefix("zoo:")}
+        return ResolvedModel(zoo_model(spec.removeprefix("zoo:")), {"kind": "zoo", "family": spec.removeprefix("zoo:")})
     path = Path(spec)
     if path.is_dir():
-        return load_checkpoint(path), {"kind": "checkpoint", "path": str(path.resolve())}
+        tok = path / "tokenizer.json"
+        return ResolvedModel(load_checkpoint(path), {"kind": "checkpoint", "path": str(path.resolve())},
+                             tok if tok.is_file() else None)
     raise ValueError(f"--model '{spec}': not 'default', 'zoo:<family>' or a checkpoint directory "
                      f"(families: {', '.join(MIXERS.names())})")
