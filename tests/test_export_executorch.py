@@ -25,6 +25,7 @@ from afedge.rewrite import to_recurrent  # noqa: E402
 from afedge.session import ProgramInfo, RuntimeUnavailable  # noqa: E402
 from afedge.target import load_target  # noqa: E402
 from afedge.tolerances import tolerance  # noqa: E402
+from tests.parity.flows import REPRESENTATIVE  # noqa: E402
 
 load_plugins()
 from afedge.exporters.executorch import (  # noqa: E402
@@ -82,7 +83,10 @@ def _open(art: Artifact, out, program, threads: int = 2) -> ExecuTorchSession:
 
 
 def _mixer_params():
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n])) if n in XFAIL else n
+    """Every mixer; outside the representative ones they run under `slow` (tests/parity covers the whole zoo's
+    numbers and XNNPACK delegation in the default suite; this file checks the exporter's own contract)."""
+    return [pytest.param(n, marks=[*([pytest.mark.xfail(strict=True, reason=XFAIL[n])] if n in XFAIL else []),
+                                   *([] if n in REPRESENTATIVE else [pytest.mark.slow])])
             for n in MIXERS.names()]
 
 

@@ -26,6 +26,7 @@ from afedge.session import ProgramInfo
 from afedge.state import StateSpec
 from afedge.target import load_target
 from afedge.tolerances import tolerance
+from tests.parity.flows import REPRESENTATIVE
 
 pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
@@ -46,7 +47,10 @@ XFAIL: dict[str, str] = {}
 
 
 def _mixer_params() -> list:
-    return [pytest.param(n, marks=pytest.mark.xfail(strict=True, reason=XFAIL[n])) if n in XFAIL else n
+    """Every mixer; outside the representative ones they run under `slow` (tests/parity covers the whole zoo's
+    numbers on every exporter in the default suite; these files check each exporter's own contract)."""
+    return [pytest.param(n, marks=[*([pytest.mark.xfail(strict=True, reason=XFAIL[n])] if n in XFAIL else []),
+                                   *([] if n in REPRESENTATIVE else [pytest.mark.slow])])
             for n in MIXERS.names()]
 
 

@@ -22,9 +22,10 @@ from afedge.runtimes.tvm import TvmSession  # noqa: E402
 from afedge.session import ProgramInfo, RuntimeUnavailable  # noqa: E402
 from afedge.target import host_arch, load_target  # noqa: E402
 from afedge.tolerances import tolerance  # noqa: E402
+from tests.parity.flows import REPRESENTATIVE  # noqa: E402
 
-# One per structural kind: fixed-decay retention, selective SSM (softplus/conv state), delta-rule (rwkv7).
-FAST = {"retnet", "mamba", "rwkv7"}
+# The representative mixers run by default; the whole zoo's TVM numbers are in tests/parity's host matrix.
+FAST = set(REPRESENTATIVE)
 # Mixers whose TVM export is a known failure caused in the mixer file: name -> precise reason.
 XFAIL: dict[str, str] = {}
 

@@ -38,6 +38,9 @@ def test_parity(flow: Flow, bundle_for):
     ref = TorchSession(reference_program(bundle), threads=2)
     ran, unavailable = 0, []
     for art in bundle.artifacts:
+        if "xnnpack" in art.info.get("partitioners", []):  # the .pte really runs on XNNPACK, both methods
+            for method, d in art.info["delegation"].items():
+                assert d["backends"].get("XnnpackBackend", {}).get("subgraphs", 0) >= 1, f"{method}: nothing delegated"
         try:
             sess = open_session(bundle, art, threads=2)
         except RuntimeUnavailable as e:
