@@ -67,3 +67,17 @@ def test_every_registered_thing_has_a_flow():
     assert set(RUNTIMES.names()) <= {EXPORTERS.get(f.exporter).runtime for f in FLOWS}
     assert set(target_names()) <= {f.target for f in FLOWS}
     assert registered_combinations() <= {(f.mixer, f.exporter, f.target) for f in FLOWS}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flow", [pytest.param(f, id=f.id) for f in FLOWS
+                                  if f.target == "host" and f.mixer in REPRESENTATIVE and not f.gap])
+def test_long_horizon_65k(flow: Flow, bundle_for):
+    """65,536 decode steps on every host runtime of the representative mixers (`make test-slow`)."""
+    bundle = bundle_for(flow)
+    tol_name = bundle.manifest["target"]["profile"]["tolerance"]
+    ref = TorchSession(reference_program(bundle), threads=2)
+    for art in bundle.artifacts:
+        rep = compare(ref, open_session(bundle, art, threads=2), long_horizon(65_536), tolerance(tol_name), tol_name)
+        RESULTS[f"{flow.id}/{art.name}/{rep.workload}"] = rep.to_json() | {"per_step_rel": None}
+        assert rep.passed, rep.failure
