@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import afedge
+from afedge.bench.cli import add_parser as add_bench_parser
 
 
 def _console():
@@ -200,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("targets", help="list the target profiles")
     s.set_defaults(fn=cmd_targets)
+    add_bench_parser(sub)
     return p
 
 

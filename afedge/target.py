@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from afedge.bench.budgets import budget_errors
 from afedge.tolerances import TOLERANCES
 
 ARCHES = ("x86_64", "aarch64")
@@ -77,6 +78,7 @@ def load_target_file(path: Path) -> Target:
         (t.prefill_len >= 1 and t.chunk_size >= 1 and t.prefill_len % t.chunk_size == 0,
          "prefill_len must be a positive multiple of chunk_size"),
         (bool(t.exporters), "exporters must name at least one exporter"),
+        *((False, msg) for msg in budget_errors(t.budgets)),
     ]
     for ok, msg in checks:
         if not ok:

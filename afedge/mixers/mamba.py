@@ -13,6 +13,8 @@ one stale; map it with `hf_conv_state[..., 1:]`), `ssm` (B, E, N).
 Parallel form: chunked scan over segment sums of the log-decays dt * A (exponentials of non-positive numbers only),
 carrying the ssm state across chunks. `chunk_size=None` means the module's `chunk_size` (default 64), not one chunk
 of T: the intra-chunk decay tensor grows as L^2, so one chunk of T is neither cheap nor more exact.
+`scan="sequential"` runs the recurrence itself inside each chunk instead (exp(dt A) and (dt u) B^T batched over the
+chunk, then L multiply-adds): no L^2 work, the faster form on CPU runtimes (benchmarks/prefill_sweep.py).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from afedge.state import StateSlot
 # Log-decays are clamped to [-60, 0] before exp: exp(-60) ~ 1e-26 is nothing next to the terms that matter, and it
 # keeps exp off its slow underflow path (3-4x slower for large negative arguments) and away from denormals.
 _MIN_LOG_DECAY = -60.0
+SCANS = ("segsum", "sequential")  # how the chunked parallel form scans inside a chunk (see the module docstring)
 
 
 def softplus(u: Tensor) -> Tensor:
@@ -71,8 +74,11 @@ class Mamba(Mixer):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", conv_bias: bool = True, bias: bool = False,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, chunk_size: int = 64) -> None:
+                 dt_min: float = 1e-3, dt_max: float = 0.1, chunk_size: int = 64, scan: str = "segsum") -> None:
         super().__init__()
+        if scan not in SCANS:
+            raise ValueError(f"mamba: scan must be one of {SCANS}, got '{scan}'")
+        self.scan = scan
         self.d_state, self.d_conv = d_state, d_conv
         self.d_inner = e = expand * d_model
         self.dt_rank = r = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
@@ -118,15 +124,30 @@ class Mamba(Mixer):
         h = torch.exp(cum[:, l - 1:l]).view(bs, e, n) * h + (last * xdt[..., None] * b[:, :, None, :]).sum(1)
         return y, h
 
+    def _scan_sequential(self, u: Tensor, dt: Tensor, b: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
+        """The recurrence within one chunk (same math as `step`): decays and inputs batched over the chunk, then
+        one multiply-add per token on (B, 1, E, N) slices (slices and cat, which XNNPACK takes; not select/stack).
+        u, dt: (B, L, E), b, c: (B, L, N), h: (B, E, N)."""
+        bs, l, e = u.shape
+        n = self.d_state
+        da = torch.exp(dt.view(bs, l, e, 1) * -torch.exp(self.A_log))  # (B, L, E, N)
+        dbu = (u * dt).view(bs, l, e, 1) * b.view(bs, l, 1, n)  # (B, L, E, N)
+        h, hs = h.reshape(bs, 1, e, n), []
+        for t in range(l):
+            h = da[:, t:t + 1] * h + dbu[:, t:t + 1]
+            hs.append(h)
+        y = torch.bmm(torch.cat(hs, 1).view(bs * l, e, n), c.reshape(bs * l, n, 1)).view(bs, l, e)
+        return y, h.view(bs, e, n)
+
     def forward(self, x: Tensor, state: State, chunk_size: int | None = None) -> tuple[Tensor, State]:
         conv, h = state
         e = self.d_inner
         xz = self.in_proj(x)  # (B, T, 2E)
         u, conv = causal_conv(xz[..., :e], conv, self.conv1d.weight, self.conv1d.bias)  # (B, T, E)
         dt, b, c = self._ssm_inputs(u)
-        ys = []
+        ys, scan = [], self._scan_chunk if self.scan == "segsum" else self._scan_sequential
         for s, t in chunks(x.shape[1], chunk_size or self.chunk_size):
-            y, h = self._scan_chunk(u[:, s:t], dt[:, s:t], b[:, s:t], c[:, s:t], h)
+            y, h = scan(u[:, s:t], dt[:, s:t], b[:, s:t], c[:, s:t], h)
             ys.append(y)
         y = (torch.cat(ys, 1) + u * self.D) * F.silu(xz[..., e:])
         return self.out_proj(y), (conv, h)

@@ -1,0 +1,132 @@
+"""Measurements over any `Session` (init_state / prefill / step, numpy in and out), and over the baseline.
+
+Decode at a context of N: feed N tokens through the session's chunked prefill (whole prefill blocks, then steps),
+then time `steps` single steps, each fed the previous step's greedy token. The peak RSS of each context is the peak
+while that context was reached and decoded (VmHWM reset between contexts)."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from afedge.bench.memory import peak_rss_bytes, reset_peak, rss_bytes
+
+Progress = Callable[[str], None]
+WARMUP = 3
+
+
+def percentiles(samples_s: list[float]) -> dict:
+    ms = np.asarray(samples_s) * 1e3
+    return {"median_ms": round(float(np.median(ms)), 4), "p90_ms": round(float(np.percentile(ms, 90)), 4),
+            "min_ms": round(float(ms.min()), 4), "n": len(ms)}
+
+
+def prompt(vocab: int, n: int, seed: int = 0) -> np.ndarray:
+    """(1, n) int64 uniform random token ids (fixed seed: every runtime sees the same prompt)."""
+    return np.random.default_rng(seed).integers(0, vocab, size=(1, n), dtype=np.int64)
+
+
+def _timed_steps(sess, logits: np.ndarray, state, steps: int) -> tuple[list[float], np.ndarray, list, bool]:
+    samples, finite = [], True
+    for i in range(WARMUP + steps):
+        tok = logits.argmax(-1).astype(np.int64)
+        t = time.perf_counter()
+        logits, state = sess.step(tok, state)
+        dt = time.perf_counter() - t
+        if i >= WARMUP:
+            samples.append(dt)
+    finite = bool(np.isfinite(logits).all())
+    return samples, logits, state, finite
+
+
+def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progress: Progress) -> list[dict]:
+    """Per context (ascending): median/p90 step latency and the peak RSS while reaching and decoding it."""
+    state, pos, logits, rows = sess.init_state(), 0, None, []
+    for n in sorted(contexts):
+        resettable = reset_peak()
+        feed = n - pos
+        t = time.perf_counter()
+        if feed > 0:
+            logits, state = sess.prefill(prompt(vocab, feed, seed=n), state)
+        feed_s = time.perf_counter() - t
+        pos = max(pos, n)
+        if logits is None:  # a context of 0
+            logits, state = sess.step(np.zeros(1, dtype=np.int64), state)
+            pos += 1
+        samples, logits, state, finite = _timed_steps(sess, logits, state, steps)
+        pos += WARMUP + steps
+        rows.append({"context": n, **percentiles(samples), "fed_tokens": max(feed, 0),
+                     "feed_s": round(feed_s, 3), "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(),
+                     "peak_is_per_context": resettable, "finite": finite})
+        progress(f"context {n}: {rows[-1]['median_ms']:.3f} ms/token (p90 {rows[-1]['p90_ms']:.3f}), "
+                 f"peak RSS {rows[-1]['peak_rss_bytes'] / 2**20:.0f} MiB")
+    return rows
+
+
+def prefill_figures(sess, vocab: int, prompt_len: int, repeats: int, tbt_tokens: int,
+                    progress: Progress) -> tuple[dict, float]:
+    """Chunked prefill (median of `repeats`) vs token by token (`tbt_tokens` steps from the initial state);
+    returns (figures, time to first token in ms: fresh state -> prefill -> greedy token)."""
+    tokens = prompt(vocab, prompt_len)
+    logits, _ = sess.prefill(tokens, sess.init_state())  # warm-up (first-call allocations)
+    times, ttfts = [], []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        logits, _ = sess.prefill(tokens, sess.init_state())
+        times.append(time.perf_counter() - t)
+        int(logits.argmax(-1)[0])
+        ttfts.append(time.perf_counter() - t)
+    chunked = prompt_len / float(np.median(times))
+    progress(f"prefill {prompt_len}: chunked {chunked:.1f} tok/s")
+    n = min(tbt_tokens, prompt_len)
+    state = sess.init_state()
+    t = time.perf_counter()
+    for i in range(n):
+        _, state = sess.step(tokens[:, i], state)
+    tbt = n / (time.perf_counter() - t)
+    progress(f"prefill token by token ({n} tokens): {tbt:.1f} tok/s")
+    return ({"tokens": prompt_len, "chunked_tok_s": round(chunked, 2), "chunked_runs_s": [round(x, 4) for x in times],
+             "token_by_token_tok_s": round(tbt, 2), "token_by_token_tokens": n,
+             "speedup": round(chunked / tbt, 2)}, round(float(np.median(ttfts)) * 1e3, 3))
+
+
+def growth(decode: list[dict]) -> dict:
+    """Largest-context / smallest-context ratios of the median latency and of the peak RSS."""
+    ok = [d for d in decode if d.get("median_ms") is not None]
+    if len(ok) < 2:
+        return {"latency": None, "memory": None, "contexts": [d["context"] for d in ok]}
+    lo, hi = ok[0], ok[-1]
+    return {"latency": round(hi["median_ms"] / lo["median_ms"], 4),
+            "memory": round(hi["peak_rss_bytes"] / lo["peak_rss_bytes"], 4), "contexts": [lo["context"], hi["context"]]}
+
+
+def baseline_decode(model, contexts: list[int], steps: int, max_kv_bytes: int, progress: Progress) -> list[dict]:
+    """The KV-cache transformer at each context: a cache holding `context` random keys/values, then `steps` timed
+    steps. Contexts whose cache would exceed `max_kv_bytes` are reported as skipped, not run."""
+    import torch
+    rows = []
+    for n in sorted(contexts):
+        t_max = n + WARMUP + steps
+        need = model.cache_bytes(t_max)
+        if need > max_kv_bytes:
+            rows.append({"context": n, "median_ms": None, "p90_ms": None, "skipped":
+                         f"KV cache {need / 2**30:.2f} GiB > the {max_kv_bytes / 2**30:.2f} GiB cap "
+                         f"(--baseline-max-kv-gib)"})
+            progress(f"baseline context {n}: skipped ({rows[-1]['skipped']})")
+            continue
+        reset_peak()
+        cache = model.new_cache(t_max, fill_random=n)
+        token, samples = torch.zeros(1, dtype=torch.long), []
+        for i in range(WARMUP + steps):
+            t = time.perf_counter()
+            logits = model.step(token, cache, n + i)
+            dt = time.perf_counter() - t
+            token = logits.argmax(-1)
+            if i >= WARMUP:
+                samples.append(dt)
+        rows.append({"context": n, **percentiles(samples), "peak_rss_bytes": peak_rss_bytes(),
+                     "rss_bytes": rss_bytes(), "kv_cache_bytes": need, "finite": bool(torch.isfinite(logits).all())})
+        del cache
+        progress(f"baseline context {n}: {rows[-1]['median_ms']:.3f} ms/token, KV {need / 2**20:.0f} MiB")
+    return rows

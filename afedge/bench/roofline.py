@@ -1,0 +1,49 @@
+"""The decode roofline: this machine's memory bandwidth and the bytes a decode step must read.
+
+A recurrent step reads every weight once (the embedding only as one row unless it is tied to the head, which
+reads it whole) and reads and writes the state once, so tokens/s <= bandwidth / bytes per token."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from torch import nn
+
+
+def measure_bandwidth(mib: int = 512, repeats: int = 5) -> dict:
+    """Best-of-`repeats` `np.copyto` of a `mib`-MiB float32 buffer (one thread). Bandwidth counts the bytes read
+    plus the bytes written, the way STREAM's copy does."""
+    src = np.ones(mib * 2**20 // 4, dtype=np.float32)
+    dst = np.empty_like(src)
+    np.copyto(dst, src)  # fault the pages in
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.copyto(dst, src)
+        best = min(best, time.perf_counter() - t)
+    return {"method": f"numpy copyto of {mib} MiB float32, best of {repeats}, 1 thread, read+write bytes",
+            "gb_s": round(2 * src.nbytes / best / 1e9, 2)}
+
+
+def weight_bytes_per_token(model: nn.Module, embedding: nn.Embedding, head: nn.Linear | None = None) -> int:
+    """Bytes of parameters one decode step reads: all of them once, the embedding table only as one row unless
+    `head` shares its weight (then the head reads it whole)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    w = embedding.weight
+    tied = head is not None and head.weight is w
+    if not tied:
+        total -= w.numel() * w.element_size() - w.shape[1] * w.element_size()
+    return int(total)
+
+
+def roofline(model, state_bytes: int, bandwidth_gb_s: float) -> dict:
+    """Upper bound on decode tokens/s for an afedge LM: bandwidth / (weights read + state read and written)."""
+    weights = weight_bytes_per_token(model, model.embed, model.head)
+    per_token = weights + 2 * state_bytes
+    return {"bandwidth_gb_s": bandwidth_gb_s, "weight_bytes_per_token": weights,
+            "state_bytes_per_token": 2 * state_bytes, "bytes_per_token": per_token,
+            "decode_upper_bound_tok_s": round(bandwidth_gb_s * 1e9 / per_token, 2)}

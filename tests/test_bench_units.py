@@ -1,0 +1,90 @@
+"""Units of `afedge bench`: budget validation and checking, the roofline's byte count, the KV-cache baseline."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from afedge.bench.baseline import KVCacheTransformer, baseline_for, matched_mlp_hidden
+from afedge.bench.budgets import BUDGET_KEYS, check
+from afedge.bench.roofline import weight_bytes_per_token
+from afedge.model import LM, LMConfig
+from afedge.target import TargetError, load_target, load_target_file, target_names
+from afedge.tolerances import tolerance
+
+
+def _profile(tmp_path: Path, table: str) -> Path:
+    text = Path(load_target("host").path).read_text().split("[budgets]")[0]
+    path = tmp_path / "host.toml"
+    path.write_text(text.rstrip() + "\n\n[budgets]\n" + table + "\n")
+    return path
+
+
+@pytest.mark.parametrize("table, message", [
+    ("decode_ms = 5", r"host\.toml: budgets\.decode_ms is not a known budget; known: decode_ms_p90"),
+    ("decode_ms_p90 = -1", r"host\.toml: budgets\.decode_ms_p90 must be a positive number \(ms\), got -1"),
+    ("peak_rss_mib = \"lots\"", r"host\.toml: budgets\.peak_rss_mib must be a positive number"),
+    ("context_growth = 0.5", r"host\.toml: budgets\.context_growth is a ratio and must be >= 1"),
+])
+def test_budget_errors_name_the_file_and_field(tmp_path, table, message):
+    with pytest.raises(TargetError, match=message):
+        load_target_file(_profile(tmp_path, table))
+
+
+def test_every_profile_has_valid_budgets():
+    for name in target_names():
+        budgets = load_target(name).budgets
+        assert budgets and set(budgets) <= set(BUDGET_KEYS), name
+
+
+def _row(name: str, p90: float, state: int) -> dict:
+    return {"name": name, "decode": [{"context": 8, "median_ms": p90 / 2, "p90_ms": p90, "peak_rss_bytes": 2**20}],
+            "state_bytes": state, "artifact_bytes": 2**20, "on_device": True}
+
+
+def test_device_figures_are_checked_only_on_the_device():
+    budgets = {"decode_ms_p90": 1.0, "state_kib": 1.0}
+    on = {(v.budget, v.status) for v in check([_row("onnx", 5.0, 512)], budgets, True, "host")}
+    assert on == {("decode_ms_p90", "fail"), ("state_kib", "pass")}
+    off = {(v.budget, v.status) for v in check([_row("onnx", 5.0, 4096)], budgets, False, "android-arm64")}
+    assert off == {("decode_ms_p90", "not-on-device"), ("state_kib", "fail")}
+
+
+def test_roofline_counts_a_tied_embedding_once_and_an_untied_one_as_a_row():
+    tied = LM(LMConfig(vocab_size=300, d_model=16, n_layers=1, tie_embeddings=True))
+    untied = LM(LMConfig(vocab_size=300, d_model=16, n_layers=1, tie_embeddings=False))
+    nbytes = lambda m: 4 * sum(p.numel() for p in m.parameters())  # noqa: E731 (parameters() dedups tied ones)
+    assert weight_bytes_per_token(tied, tied.embed, tied.head) == nbytes(tied)
+    assert weight_bytes_per_token(untied, untied.embed, untied.head) == nbytes(untied) - 4 * 16 * 299
+
+
+def _causal_reference(model: KVCacheTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Full-sequence causal attention with the baseline's weights. tokens: (T,) -> logits (T, V)."""
+    x = model.embed(tokens)  # (T, D)
+    for blk in model.blocks:
+        q, k, v = blk.qkv(blk.norm1(x)).view(len(tokens), 3, blk.n_heads, blk.dh).permute(1, 2, 0, 3)
+        att = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (H, T, Dh)
+        x = x + blk.proj(att.transpose(0, 1).reshape(len(tokens), -1))
+        x = x + blk.mlp(blk.norm2(x))
+    return model.head(model.norm(x))
+
+
+def test_the_baseline_decodes_like_causal_attention():
+    model = KVCacheTransformer(vocab=97, d=128, n_layers=2, mlp_hidden=64)
+    tokens = torch.randint(0, 97, (12,))
+    cache = model.new_cache(len(tokens))
+    steps = torch.cat([model.step(tokens[i:i + 1], cache, i) for i in range(len(tokens))])
+    with torch.no_grad():
+        ref = _causal_reference(model, tokens)
+    assert ((steps - ref).abs().max() / ref.abs().max()).item() <= tolerance("fp32").max_rel
+
+
+def test_the_baseline_matches_the_parameter_count():
+    cfg = LMConfig(vocab_size=256, d_model=64, n_layers=2, mixer="mamba", mlp_ratio=0)
+    lm = LM(cfg)
+    n = sum(p.numel() for p in lm.parameters())
+    base = baseline_for(cfg.to_dict(), n)
+    assert abs(sum(p.numel() for p in base.parameters()) - n) <= cfg.n_layers * (2 * 64 + 1)  # h rounds
+    assert matched_mlp_hidden(4 * 64 * 64, 64) == 0  # attention alone already has the budget: no MLP
