@@ -35,7 +35,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from afedge.zoo import resolve_model
     con = _console()
     target = load_target(args.target)
-    resolved = resolve_model(args.model)
+    resolved = resolve_model(args.model, trust_remote_code=args.trust_remote_code)
     program = to_recurrent(resolved.model, target.chunk_size, target.prefill_len)
     out = Path(args.out or f"out/{target.name}")
     exporters = args.runtimes.split(",") if args.runtimes else None
@@ -168,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="rewrite, export, bundle and verify a model for a target")
     s.add_argument("--target", required=True, help="a profile in targets/ (see `afedge targets`)")
-    s.add_argument("--model", help="'default' (embedded), 'zoo:<family>', or an afedge checkpoint directory")
+    s.add_argument("--model", help="'default' (embedded), 'zoo:<family>', an afedge checkpoint directory, "
+                   "a Hugging Face model directory or hub id (mamba, mamba2, falcon_mamba, rwkv)")
+    s.add_argument("--trust-remote-code", action="store_true",
+                   help="allow a Hugging Face checkpoint's own modelling code (config.json auto_map)")
     s.add_argument("--runtimes", help="comma-separated exporters (default: the target's list)")
     s.add_argument("--quant", help="quant scheme id (default: the target's)")
     s.add_argument("--out", help="bundle directory (default: out/<target>)")

@@ -1,4 +1,7 @@
-"""A small language model that stacks any registered mixer: embed -> [norm, mixer, norm, MLP] x L -> norm -> head."""
+"""A small language model that stacks any registered mixer: embed -> [norm, mixer, norm, MLP] x L -> norm -> head.
+
+The optional LMConfig fields after `seed` describe imported layouts (afedge.hf): a norm on the embeddings, mixers
+that hold their own norms, RWKV's inference rescaling; their defaults leave the native LM unchanged."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -22,6 +25,12 @@ class LMConfig:
     norm: str = "rmsnorm"          # "rmsnorm" | "layernorm"
     tie_embeddings: bool = True
     seed: int = 0                  # initialisation seed, recorded so a model can be rebuilt
+    # Imported layouts (afedge.hf); the defaults are the native afedge LM.
+    norm_eps: float | None = None        # None: 1e-6 (rmsnorm), 1e-5 (layernorm)
+    final_norm_eps: float | None = None  # the final norm's eps; None: norm_eps
+    embed_norm: bool = False             # a norm on the embeddings before block 0 (RWKV's pre_ln)
+    mixer_norm: bool = True              # False: the mixer reads the raw residual stream (it has its own norms)
+    rescale_every: int = 0               # > 0: halve the residual stream after every that many blocks (RWKV)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -34,24 +43,24 @@ class LMConfig:
         return cls(**data)
 
 
-def _norm(kind: str, d: int) -> nn.Module:
+def _norm(kind: str, d: int, eps: float | None = None) -> nn.Module:
     match kind:
         case "rmsnorm":
-            return nn.RMSNorm(d, eps=1e-6)
+            return nn.RMSNorm(d, eps=1e-6 if eps is None else eps)
         case "layernorm":
-            return nn.LayerNorm(d)
+            return nn.LayerNorm(d, eps=1e-5 if eps is None else eps)
     raise ValueError(f"model config: norm must be 'rmsnorm' or 'layernorm', got '{kind}'")
 
 
 class Block(nn.Module):
     def __init__(self, cfg: LMConfig) -> None:
         super().__init__()
-        self.norm1 = _norm(cfg.norm, cfg.d_model)
+        self.norm1 = _norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.mixer_norm else nn.Identity()
         self.mixer: Mixer = MIXERS.get(cfg.mixer)(cfg.d_model, **cfg.mixer_kwargs)
         hidden = int(cfg.mlp_ratio * cfg.d_model)
         self.mlp = None
         if hidden:
-            self.norm2 = _norm(cfg.norm, cfg.d_model)
+            self.norm2 = _norm(cfg.norm, cfg.d_model, cfg.norm_eps)
             self.mlp = nn.Sequential(nn.Linear(cfg.d_model, hidden), nn.GELU(approximate="tanh"),
                                      nn.Linear(hidden, cfg.d_model))
 
@@ -78,8 +87,9 @@ class LM(nn.Module):
         torch.manual_seed(cfg.seed)
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
         nn.init.normal_(self.embed.weight, std=0.5)
+        self.embed_norm = _norm(cfg.norm, cfg.d_model, cfg.norm_eps) if cfg.embed_norm else nn.Identity()
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.norm = _norm(cfg.norm, cfg.d_model)
+        self.norm = _norm(cfg.norm, cfg.d_model, cfg.norm_eps if cfg.final_norm_eps is None else cfg.final_norm_eps)
         self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.head.weight = self.embed.weight
@@ -99,29 +109,36 @@ class LM(nn.Module):
             i += n
         return out
 
+    def _rescale(self, i: int, x: Tensor) -> Tensor:
+        """Halve x after block i when `rescale_every` says so (a config constant, not data-dependent)."""
+        r = self.cfg.rescale_every
+        return x * 0.5 if r > 0 and (i + 1) % r == 0 else x
+
     def forward(self, tokens: Tensor, state: State | None = None,
                 chunk_size: int | None = None) -> tuple[Tensor, State]:
         """tokens: (B, T) int64 -> logits (B, T, V), new flat state."""
         state = self.init_state(tokens.shape[0]) if state is None else state
-        x, new = self.embed(tokens), []
-        for block, s in zip(self.blocks, self._split(state)):
+        x, new = self.embed_norm(self.embed(tokens)), []
+        for i, (block, s) in enumerate(zip(self.blocks, self._split(state))):
             x, s = block(x, s, chunk_size)
+            x = self._rescale(i, x)
             new.extend(s)
         return self.head(self.norm(x)), tuple(new)
 
     def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
         """token: (B,) int64 -> logits (B, V), new flat state."""
-        x, new = self.embed(token), []
-        for block, s in zip(self.blocks, self._split(state)):
+        x, new = self.embed_norm(self.embed(token)), []
+        for i, (block, s) in enumerate(zip(self.blocks, self._split(state))):
             x, s = block.step(x, s)
+            x = self._rescale(i, x)
             new.extend(s)
         return self.head(self.norm(x)), tuple(new)
 
     def naive_logits(self, tokens: Tensor) -> Tensor:
         """Logits from every mixer's naive reference (no state). tokens: (B, T) -> (B, T, V)."""
-        x = self.embed(tokens)
-        for block in self.blocks:
-            x = block._mlp(x + block.mixer.naive(block.norm1(x)))
+        x = self.embed_norm(self.embed(tokens))
+        for i, block in enumerate(self.blocks):
+            x = self._rescale(i, block._mlp(x + block.mixer.naive(block.norm1(x))))
         return self.head(self.norm(x))
 
     def family_per_layer(self) -> list[str]:

@@ -28,16 +28,20 @@ class ResolvedModel:
     tokenizer: Path | None = None
 
 
-def resolve_model(spec: str | None) -> ResolvedModel:
-    """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint."""
+def resolve_model(spec: str | None, trust_remote_code: bool = False) -> ResolvedModel:
+    """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint,
+    or a Hugging Face model (its config.json has a `model_type`); `owner/name[@rev]` or `hf:...` -> a hub id."""
     if spec is None or spec == "default":
         return ResolvedModel(LM(DEFAULT), {"kind": "default", "config": DEFAULT.to_dict()})
     if spec.startswith("zoo:"):
         return ResolvedModel(zoo_model(spec.removeprefix("zoo:")), {"kind": "zoo", "family": spec.removeprefix("zoo:")})
     path = Path(spec)
+    from afedge import hf  # light: transformers is imported only when a Hugging Face model is loaded
+    if (path.is_dir() and hf.is_hf_directory(path)) or hf.looks_like_hub_id(spec):
+        return hf.load_hf(spec, trust_remote_code=trust_remote_code)
     if path.is_dir():
         tok = path / "tokenizer.json"
         return ResolvedModel(load_checkpoint(path), {"kind": "checkpoint", "path": str(path.resolve())},
                              tok if tok.is_file() else None)
-    raise ValueError(f"--model '{spec}': not 'default', 'zoo:<family>' or a checkpoint directory "
-                     f"(families: {', '.join(MIXERS.names())})")
+    raise ValueError(f"--model '{spec}': not 'default', 'zoo:<family>', a checkpoint or Hugging Face directory, "
+                     f"or a hub id 'owner/name' (families: {', '.join(MIXERS.names())})")

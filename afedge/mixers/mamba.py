@@ -7,6 +7,8 @@
     h_t   = exp(dt * A) * h_{t-1} + (dt * u) B^T       # (E, N), A = -exp(A_log) < 0
     y     = out_proj((h_t C + D * u) * silu(z))
 
+`bcdt_rms_eps` set (FalconMamba): dt (before dt_proj), B and C each pass a weightless RMS norm with that eps.
+
 State: `conv` (B, E, d_conv - 1) holds the last d_conv - 1 conv inputs (HF's cache keeps d_conv columns, the oldest
 one stale; map it with `hf_conv_state[..., 1:]`), `ssm` (B, E, N).
 
@@ -74,7 +76,8 @@ class Mamba(Mixer):
 
     def __init__(self, d_model: int, d_state: int = 16, d_conv: int = 4, expand: int = 2,
                  dt_rank: int | str = "auto", conv_bias: bool = True, bias: bool = False,
-                 dt_min: float = 1e-3, dt_max: float = 0.1, chunk_size: int = 64, scan: str = "segsum") -> None:
+                 dt_min: float = 1e-3, dt_max: float = 0.1, chunk_size: int = 64,
+                 bcdt_rms_eps: float | None = None, scan: str = "segsum") -> None:
         super().__init__()
         if scan not in SCANS:
             raise ValueError(f"mamba: scan must be one of {SCANS}, got '{scan}'")
@@ -83,6 +86,7 @@ class Mamba(Mixer):
         self.d_inner = e = expand * d_model
         self.dt_rank = r = math.ceil(d_model / 16) if dt_rank == "auto" else int(dt_rank)
         self.chunk_size = chunk_size  # used when a call passes chunk_size=None (one chunk of T is O(T^2 E N))
+        self.bcdt_rms_eps = bcdt_rms_eps
         self.in_proj = nn.Linear(d_model, 2 * e, bias=bias)
         self.conv1d = nn.Conv1d(e, e, d_conv, groups=e, padding=d_conv - 1, bias=conv_bias)
         self.x_proj = nn.Linear(e, r + 2 * d_state, bias=False)
@@ -91,6 +95,9 @@ class Mamba(Mixer):
         self.D = nn.Parameter(torch.ones(e))
         self.out_proj = nn.Linear(e, d_model, bias=bias)
         self.register_buffer("tril", torch.ones(chunk_size, chunk_size).tril(), persistent=False)
+        if bcdt_rms_eps is not None:  # means over the last dim as matmuls (XNNPACK takes them, not mean.dim)
+            self.register_buffer("avg_dt", torch.full((r, 1), 1.0 / r), persistent=False)
+            self.register_buffer("avg_bc", torch.full((d_state, 1), 1.0 / d_state), persistent=False)
         with torch.no_grad():  # HF init: dt = softplus(bias) log-uniform in [dt_min, dt_max]
             nn.init.uniform_(self.dt_proj.weight, -r ** -0.5, r ** -0.5)
             dt = torch.exp(torch.rand(e) * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min))
@@ -100,11 +107,18 @@ class Mamba(Mixer):
         return [StateSlot("conv", (batch, self.d_inner, self.d_conv - 1), note="last d_conv-1 conv inputs"),
                 StateSlot("ssm", (batch, self.d_inner, self.d_state))]
 
+    def _rms(self, x: Tensor, avg: Tensor) -> Tensor:
+        """Weightless RMS norm over the last dim. x: (..., K), avg: (K, 1) of 1/K."""
+        return x * torch.rsqrt((x * x) @ avg + self.bcdt_rms_eps)
+
     def _ssm_inputs(self, u: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """u: (..., E) -> dt (..., E), B (..., N), C (..., N)."""
         r, n = self.dt_rank, self.d_state
         dbc = self.x_proj(u)
-        return softplus(self.dt_proj(dbc[..., :r])), dbc[..., r:r + n], dbc[..., r + n:r + 2 * n]
+        dt, b, c = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:r + 2 * n]
+        if self.bcdt_rms_eps is not None:
+            dt, b, c = self._rms(dt, self.avg_dt), self._rms(b, self.avg_bc), self._rms(c, self.avg_bc)
+        return softplus(self.dt_proj(dt)), b, c
 
     def _scan_chunk(self, u: Tensor, dt: Tensor, b: Tensor, c: Tensor, h: Tensor) -> tuple[Tensor, Tensor]:
         """Selective scan of one chunk with segment sums. u, dt: (B, L, E), b, c: (B, L, N), h: (B, E, N)."""
@@ -170,8 +184,10 @@ class Mamba(Mixer):
         u = F.silu(self.conv1d(xs.transpose(1, 2))[..., :t]).transpose(1, 2)  # (B, T, E)
         r, n = self.dt_rank, self.d_state
         dbc = self.x_proj(u)
-        dt = F.softplus(self.dt_proj(dbc[..., :r]))
-        b, c = dbc[..., r:r + n], dbc[..., r + n:]
+        dt, b, c = dbc[..., :r], dbc[..., r:r + n], dbc[..., r + n:]
+        if self.bcdt_rms_eps is not None:
+            dt, b, c = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + self.bcdt_rms_eps) for v in (dt, b, c))
+        dt = F.softplus(self.dt_proj(dt))
         a = -torch.exp(self.A_log)  # (E, N)
         h = x.new_zeros(bs, e, n)
         ys = []
