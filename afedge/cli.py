@@ -42,7 +42,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     with con.status(f"exporting for {target.name}") as status:
         bundle, results = export_bundle(program, target, out, exporters, args.quant, not args.no_verify,
                                         args.steps, resolved.source, progress=lambda m: status.update(m),
-                                        tokenizer=resolved.tokenizer)
+                                        tokenizer=resolved.tokenizer, allow_nonfinite=args.allow_nonfinite)
     gate = {r.artifact: r for r in results}
     table = Table("artifact", "runtime", "arch", "files", "size", "parity", title=f"bundle {out}")
     for art in bundle.artifacts:
@@ -70,8 +70,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     from rich.table import Table
 
-    from afedge.bundle import load_bundle
-    b = load_bundle(Path(args.bundle))
+    from afedge.bundle import open_bundle
+    b = open_bundle(Path(args.bundle))
     m = b.manifest
     con = _console()
     if args.json:
@@ -97,10 +97,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from afedge.bundle import load_bundle
+    from afedge.bundle import open_bundle
     from afedge.pipeline import open_session
     from afedge.tokenizer import load_tokenizer
-    b = load_bundle(Path(args.bundle))
+    b = open_bundle(Path(args.bundle))
     tok = load_tokenizer(b.file(b.manifest["tokenizer"]))
     ids = [int(t) for t in args.tokens.split(",")] if args.tokens else tok.encode(args.prompt).ids
     if not ids:
@@ -121,7 +121,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from afedge.bundle import load_bundle
+    from afedge.bundle import open_bundle
     from afedge.parity.compare import compare
     from afedge.parity.report import write_reports
     from afedge.parity.workloads import prompt_decode, snapshot_resume, static_shapes
@@ -130,7 +130,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from afedge.session import RuntimeUnavailable
     from afedge.tolerances import tolerance
     con = _console()
-    b = load_bundle(Path(args.bundle))
+    b = open_bundle(Path(args.bundle))
     tol_name = args.tolerance or b.manifest["parity"].get("tolerance") or b.manifest["target"]["profile"]["tolerance"]
     ref = TorchSession(reference_program(b), b.manifest["target"]["profile"]["threads"])
     workloads = [prompt_decode(40, args.steps), static_shapes(b.info.prefill_len), snapshot_resume()]
@@ -145,7 +145,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
             continue
         for w in workloads:
             rows.append((art.name, compare(ref, sess, w, tolerance(tol_name), tol_name), ""))
-    report = Path(args.report or b.path.parent / f"{b.path.name}-parity.md")
+    src = Path(args.bundle)  # a .zip's report goes beside the archive, not into its temporary unpacking
+    report = Path(args.report or src.parent / f"{src.stem if src.suffix == '.zip' else src.name}-parity.md")
     paths = write_reports(rows, report, f"afedge parity: {b.path.name} ({b.target}, {tol_name})")
     failed = [r for _, r, _ in rows if r is not None and not r.passed]
     for name, rep, reason in rows:
@@ -178,10 +179,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=256, help="decode steps in the parity gate")
     s.add_argument("--no-verify", action="store_true", help="write the bundle even if the parity gate fails")
     s.add_argument("--zip", action="store_true", help="also write <out>.zip")
+    s.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN / Inf")
     s.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("inspect", help="show a bundle's manifest, state contract and artifacts")
-    s.add_argument("bundle")
+    s.add_argument("bundle", help="a bundle directory or its .zip")
     s.add_argument("--json", action="store_true")
     s.set_defaults(fn=cmd_inspect)
 

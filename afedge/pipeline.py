@@ -11,10 +11,12 @@ import torch
 
 import afedge
 from afedge.bundle import Bundle, BundleError, load_bundle, staged, write_manifest
-from afedge.checkpoint import load_checkpoint, save_checkpoint
+from afedge.checkpoint import (CheckpointError, describe_nonfinite, load_checkpoint, nonfinite_tensors,
+                               save_checkpoint)
 from afedge.exporting import EXPORTERS, Artifact, load_plugins
 from afedge.parity.compare import Report, compare
 from afedge.parity.workloads import Workload, prompt_decode
+from afedge.precision import check_fp16_range
 from afedge.rewrite import RecurrentProgram, to_recurrent
 from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
 from afedge.target import Target
@@ -81,22 +83,26 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
 
 def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporters: list[str] | None = None,
                   quant: str | None = None, verify: bool = True, steps: int = 256, source: dict | None = None,
-                  progress: Progress = print, tokenizer: Path | None = None) -> tuple[Bundle, list[GateResult]]:
+                  progress: Progress = print, tokenizer: Path | None = None,
+                  allow_nonfinite: bool = False) -> tuple[Bundle, list[GateResult]]:
     """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate.
 
-    tokenizer: a `tokenizer.json` to carry into the bundle (None: the byte-level tokenizer, vocab 256)."""
+    tokenizer: a `tokenizer.json` to carry into the bundle (None: the byte-level tokenizer, vocab 256).
+    allow_nonfinite: export weights holding NaN / Inf instead of refusing them."""
     load_plugins()
     quant = quant or target.quant
     names = exporters or list(target.exporters)
     for n in names:
         EXPORTERS.get(n)  # unknown names fail before anything is written
-    with staged(out) as tmp:
+    tok = _tokenizer(tokenizer, program.vocab_size)
+    _check_weights(program, target, quant, allow_nonfinite)
+    with staged(out, need_bytes=sum(p.numel() * p.element_size() for p in program.model.parameters())) as tmp:
         artifacts: list[Artifact] = []
         for n in names:
             progress(f"export {n}")
             artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
         save_checkpoint(program.model, tmp / REFERENCE_DIR)
-        _write_tokenizer(tokenizer, program.vocab_size, tmp / TOKENIZER)
+        tok.save(str(tmp / TOKENIZER))
         manifest = _manifest(program, target, quant, artifacts, source or {})
         write_manifest(tmp, manifest)
         results: list[GateResult] = []
@@ -113,14 +119,31 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
     return load_bundle(out), results
 
 
-def _write_tokenizer(src: Path | None, vocab_size: int, dst: Path) -> None:
-    """Copy `src` (or write the byte tokenizer) to `dst`; refuse a tokenizer whose ids overflow the embedding."""
-    tok = byte_tokenizer() if src is None else load_tokenizer(Path(src))
+def _tokenizer(src: Path | None, vocab_size: int):
+    """`src` loaded (or the byte tokenizer when the model has none and is byte-level); refuse a tokenizer whose
+    ids overflow the embedding, and a missing one where the embedding is not the byte tokenizer's 256 rows."""
+    if src is None:
+        tok = byte_tokenizer()
+        if vocab_size != tok.get_vocab_size(with_added_tokens=True):
+            raise BundleError(f"no tokenizer.json came with the model, and its embedding has {vocab_size} rows, "
+                              f"not the byte tokenizer's {tok.get_vocab_size()}: put the model's tokenizer.json "
+                              f"beside its config.json")
+        return tok
+    tok = load_tokenizer(Path(src))
     n = tok.get_vocab_size(with_added_tokens=True)
     if n > vocab_size:
-        raise BundleError(f"{src or 'byte tokenizer'}: {n} token ids but the model's embedding has only "
+        raise BundleError(f"{src}: {n} token ids but the model's embedding has only "
                           f"{vocab_size} rows (vocab_size in the model config)")
-    tok.save(str(dst))
+    return tok
+
+
+def _check_weights(program: RecurrentProgram, target: Target, quant: str, allow_nonfinite: bool) -> None:
+    """Refuse NaN / Inf weights (unless allowed) and, for fp16 schemes, values beyond the fp16 range."""
+    if not allow_nonfinite and (bad := nonfinite_tensors(program.model)):
+        raise CheckpointError(f"the model's weights hold non-finite values: {describe_nonfinite(bad)}; refused "
+                              f"(--allow-nonfinite exports them anyway)")
+    if quant == "fp16":
+        check_fp16_range(program, f"target {target.name}, quant fp16")
 
 
 class ParityGateError(BundleError):

@@ -18,7 +18,13 @@ NpState = list[np.ndarray]
 
 
 class RuntimeUnavailable(RuntimeError):
-    """This machine cannot run the artifact (wrong architecture, missing backend); the message says why."""
+    """This machine cannot run the artifact (wrong architecture, missing backend, a runtime older than the
+    artifact's format); the message says why."""
+
+
+class ArtifactError(RuntimeError):
+    """An artifact file that is corrupt or unsafe to load (bad header, external data outside the bundle); the
+    message names the file and what is wrong. Raised before the file reaches a native parser where possible."""
 
 
 @dataclass(frozen=True)

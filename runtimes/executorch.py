@@ -13,11 +13,14 @@ concurrently); sessions opened with different `threads` in one process therefore
 """
 from __future__ import annotations
 
+import functools
+import re
+
 import numpy as np
 
 from afedge.exporting import require
 from afedge.rewrite import METHODS
-from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
+from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnavailable
 
 __all__ = ["ExecuTorchSession", "required_backends", "registered_backends", "set_threads"]
 
@@ -46,13 +49,37 @@ def set_threads(n: int) -> int:
     return int(portable_lib._threadpool_get_thread_count())
 
 
+@functools.cache
+def runtime_format() -> bytes:
+    """The program file identifier (e.g. b'ET12') of the installed ExecuTorch, from its shipped schema."""
+    from importlib import resources
+    schema = resources.files("executorch").joinpath("schema/program.fbs").read_bytes()
+    return re.search(rb'file_identifier\s+"([^"]{4})"', schema)[1]
+
+
+def check_format(path) -> None:
+    """Refuse a .pte whose header is not an ExecuTorch program, or whose format is newer than this runtime reads
+    (both versions named), before the runtime parses it."""
+    from importlib import metadata
+    head = open(path, "rb").read(8)
+    ident = head[4:8]
+    if len(head) < 8 or not re.fullmatch(rb"ET\d\d", ident):
+        raise ArtifactError(f"executorch: {path.name} is not an ExecuTorch program (no ETnn identifier in its "
+                            f"header; {len(head)} header bytes read)")
+    if ident != runtime_format():
+        newer = ident > runtime_format()
+        raise RuntimeUnavailable(f"executorch: {path.name} is program format {ident.decode()}; this executorch "
+                                 f"{metadata.version('executorch')} runtime reads {runtime_format().decode()} ("
+                                 f"{'upgrade executorch to run it' if newer else 're-export it with this executorch'})")
+
+
 @RUNTIMES.register("executorch")
 class ExecuTorchSession(ArtifactSession):
     runtime = "executorch"
 
     def _load(self) -> None:
         require("executorch.runtime", EXTRA)
-        from executorch.runtime import Runtime
+        from executorch.runtime import Runtime, Verification
 
         paths = {self.files[m] for m in METHODS}
         if len(paths) != 1:
@@ -60,12 +87,13 @@ class ExecuTorchSession(ArtifactSession):
         self.path = paths.pop()
         if not self.path.is_file():
             raise FileNotFoundError(f"executorch: {self.path} does not exist")
+        check_format(self.path)
         self.effective_threads = set_threads(self.threads)
         runtime = Runtime.get()
-        try:
-            self.program = runtime.load_program(self.path)
+        try:  # InternalConsistency: the flatbuffer is verified before any method is read
+            self.program = runtime.load_program(self.path, verification=Verification.InternalConsistency)
         except Exception as e:
-            raise RuntimeError(f"executorch: cannot load {self.path.name}: {e}") from e
+            raise ArtifactError(f"executorch: cannot load {self.path.name}: {e}") from None
         if missing := [m for m in METHODS if m not in self.program.method_names]:
             raise ValueError(f"executorch: {self.path.name} has methods {sorted(self.program.method_names)}, "
                              f"missing {missing}")
@@ -76,7 +104,7 @@ class ExecuTorchSession(ArtifactSession):
                 self.methods[m] = self.program.load_method(m)
             except Exception as e:
                 self._check_backends(force=True)
-                raise RuntimeError(f"executorch: cannot load method '{m}' of {self.path.name}: {e}") from e
+                raise ArtifactError(f"executorch: cannot load method '{m}' of {self.path.name}: {e}") from None
 
     def _check_backends(self, force: bool = False) -> None:
         """RuntimeUnavailable when the .pte delegates to a backend this runtime does not register.
@@ -104,7 +132,10 @@ class ExecuTorchSession(ArtifactSession):
     def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         import torch
         args = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
-        out = self.methods[method].execute(args)
+        try:  # inputs were checked against the contract, so a failure here is the program's
+            out = self.methods[method].execute(args)
+        except RuntimeError as e:
+            raise ArtifactError(f"executorch: method '{method}' of {self.path.name} failed: {e}") from None
         return [o.numpy() if isinstance(o, torch.Tensor) else np.asarray(o) for o in out]
 
     def close(self) -> None:

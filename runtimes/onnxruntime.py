@@ -7,12 +7,16 @@ contract at load, so a stale or foreign file fails with its name and the offendi
 """
 from __future__ import annotations
 
+import functools
+import itertools
+import re
+from pathlib import Path, PureWindowsPath
 from typing import ClassVar
 
 import numpy as np
 
 from afedge.exporting import require
-from afedge.session import RUNTIMES, ArtifactSession
+from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnavailable
 
 __all__ = ["OrtSession", "ONNX_TYPES"]
 
@@ -50,7 +54,11 @@ class OrtSession(ArtifactSession):
         for method, path in self.files.items():
             if not path.is_file():
                 raise FileNotFoundError(f"{self.runtime}: {method} graph {path} does not exist")
-            sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            check_model_file(path)
+            try:
+                sess = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 - ORT raises its own pybind types (Fail, InvalidProtobuf, ...)
+                raise _load_error(path, e) from None
             self._inputs[method] = self._check_contract(method, path.name, sess)
             self._sessions[method] = sess
         self.providers = next(iter(self._sessions.values())).get_providers() if self._sessions else []
@@ -87,3 +95,88 @@ class OrtSession(ArtifactSession):
 
     def close(self) -> None:
         self._sessions = {}
+
+
+@functools.cache
+def max_opset() -> int:
+    """The newest ai.onnx opset this onnxruntime build implements (its operator schemas)."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as C
+    return max(x.since_version for x in C.get_all_operator_schema() if x.domain in ("", "ai.onnx"))
+
+
+def _node_tensors(nodes):
+    """Tensor attributes of nodes (Constant values, ...), nested subgraphs included."""
+    for node in nodes:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                yield from _graph_tensors(g)
+
+
+def _graph_tensors(graph):
+    """Every TensorProto of a graph that may hold external data: initializers, sparse ones, attributes."""
+    yield from graph.initializer
+    for sp in graph.sparse_initializer:
+        yield from (sp.values, sp.indices)
+    yield from _node_tensors(graph.node)
+
+
+def _unsafe_location(base: Path, loc: str) -> str:
+    """Why an external-data location is unsafe ('' when it is a plain file beside the model)."""
+    if not loc:
+        return "an empty location"
+    if Path(loc).is_absolute() or PureWindowsPath(loc).is_absolute() or loc.startswith(("/", "\\")) \
+            or PureWindowsPath(loc).drive:
+        return "an absolute path"
+    if ".." in re.split(r"[\\/]", loc):
+        return "a path that leaves the model's directory ('..')"
+    target = base / loc
+    for p in [target, *target.parents]:
+        if p == base:
+            break
+        if p.is_symlink():
+            return f"a symbolic link ({p.name})"
+    if not target.is_file():
+        return "a file that does not exist"
+    if not target.resolve().is_relative_to(base.resolve()):
+        return "a path outside the model's directory"
+    return ""
+
+
+def check_model_file(path: Path) -> None:
+    """Refuse an .onnx before ONNX Runtime opens it: unreadable protobuf, an opset or IR version newer than this
+    runtime, or external data that is absolute, climbs out with '..', is a symlink, or is missing."""
+    onnx = require("onnx", OrtSession.extra)
+    import onnxruntime as ort
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and onnx's own errors
+        raise ArtifactError(f"onnxruntime: {path.name} is not a readable ONNX model ({type(e).__name__}: "
+                            f"{str(e).strip()[:200]})") from None
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset > max_opset():
+        raise RuntimeUnavailable(f"onnxruntime: {path.name} needs ONNX opset {opset}; this onnxruntime "
+                                 f"{ort.__version__} supports opsets up to {max_opset()} (upgrade onnxruntime, or "
+                                 f"export with a lower [onnx] opset)")
+    base = path.parent
+    for t in itertools.chain(_graph_tensors(model.graph), *(_node_tensors(f.node) for f in model.functions)):
+        if t.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        loc = next((e.value for e in t.external_data if e.key == "location"), "")
+        if why := _unsafe_location(base, loc):
+            raise ArtifactError(f"onnxruntime: {path.name}: tensor '{t.name}' keeps its data in '{loc}', "
+                                f"{why}; refused before reading (external data must be a regular file beside "
+                                f"the model)")
+
+
+def _load_error(path: Path, e: Exception) -> Exception:
+    """ONNX Runtime's load failure as a one-line error naming the file (and both IR versions when that is it)."""
+    import onnxruntime as ort
+    msg = str(e)
+    if m := re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", msg):
+        return RuntimeUnavailable(f"onnxruntime: {path.name} has ONNX IR version {m[1]}; this onnxruntime "
+                                  f"{ort.__version__} reads IR versions up to {m[2]} (upgrade onnxruntime)")
+    first = next((ln.strip() for ln in msg.splitlines() if ln.strip()), type(e).__name__)
+    return ArtifactError(f"onnxruntime: cannot load {path.name}: {first[:300]}")

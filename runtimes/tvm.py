@@ -13,12 +13,13 @@ session then picks its count with config_threadpool; the pool is reconfigured on
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 
 from afedge.exporting import require
-from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
+from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnavailable
 
 __all__ = ["TvmSession", "prime_thread_env"]
 
@@ -51,6 +52,52 @@ def _is_cuda(lib) -> bool:
     return False
 
 
+_MACHINES = {62: "x86_64", 183: "aarch64"}   # ELF e_machine
+
+
+def _first_line(e: BaseException) -> str:
+    """The message line of a TVM error (TVM puts a C++ backtrace before it)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return next((ln for ln in lines if "Check failed" in ln or ln.startswith(("TVMError", "InternalError"))),
+                lines[-1] if lines else type(e).__name__)[:300]
+
+
+def check_elf(path: Path) -> None:
+    """Refuse a library the dynamic loader would crash on (SIGBUS on a truncated segment) before dlopen: a 64-bit
+    little-endian ELF shared object whose program headers, loadable segments and section table all lie inside the
+    file, for this machine's architecture. This checks structure only: the code itself is trusted through the
+    bundle's sha256, the only way afedge ever loads a library."""
+    from afedge.target import host_arch
+    data = path.read_bytes()
+
+    def bad(why: str) -> ArtifactError:
+        return ArtifactError(f"tvm: {path.name} is not a loadable shared library: {why}")
+
+    if len(data) < 64 or data[:4] != b"\x7fELF":
+        raise bad(f"no ELF header ({len(data)} bytes)")
+    if data[4] != 2 or data[5] != 1:
+        raise bad("not a 64-bit little-endian ELF")
+    e_type, e_machine = struct.unpack_from("<HH", data, 16)
+    e_phoff, e_shoff = struct.unpack_from("<QQ", data, 32)
+    e_phentsize, e_phnum, e_shentsize, e_shnum = struct.unpack_from("<HHHH", data, 54)
+    if e_type != 3:
+        raise bad(f"ELF type {e_type} is not a shared object (3)")
+    arch = _MACHINES.get(e_machine, f"e_machine {e_machine}")
+    if arch != host_arch():
+        raise RuntimeUnavailable(f"tvm: {path.name} is built for {arch}; this machine is {host_arch()}")
+    if e_phentsize != 56 or not e_phnum or e_phoff + e_phnum * 56 > len(data):
+        raise bad(f"program header table ({e_phnum} x {e_phentsize} bytes at {e_phoff}) is outside the file "
+                  f"({len(data)} bytes)")
+    if e_shnum and (e_shentsize != 64 or e_shoff + e_shnum * 64 > len(data)):
+        raise bad(f"section header table ({e_shnum} x {e_shentsize} bytes at {e_shoff}) is outside the file "
+                  f"({len(data)} bytes)")
+    for i in range(e_phnum):
+        p_type, _, p_offset, _, _, p_filesz, p_memsz = struct.unpack_from("<IIQQQQQ", data, e_phoff + i * 56)
+        if p_type in (1, 2) and (p_offset + p_filesz > len(data) or p_filesz > p_memsz):  # PT_LOAD, PT_DYNAMIC
+            raise bad(f"segment {i} ({p_filesz} bytes at {p_offset}) is outside the file ({len(data)} bytes): "
+                      f"truncated?")
+
+
 @RUNTIMES.register("tvm")
 class TvmSession(ArtifactSession):
     runtime = "tvm"
@@ -67,13 +114,14 @@ class TvmSession(ArtifactSession):
             if path not in vms:
                 if not path.is_file():
                     raise FileNotFoundError(f"tvm: {path} does not exist")
+                check_elf(path)
                 try:
                     lib = tvm.runtime.load_module(str(path))
                 except RuntimeError as e:  # a CUDA library where the CUDA runtime module is not loaded
                     if "cuda" in str(e).lower():
                         raise RuntimeUnavailable(f"tvm: {path.name} is built for CUDA and this machine cannot "
                                                  f"load the CUDA runtime (use the bundle's host twin)") from e
-                    raise
+                    raise ArtifactError(f"tvm: cannot load {path.name}: {_first_line(e)}") from None
                 if _is_cuda(lib):
                     if not tvm.cuda(0).exist:
                         raise RuntimeUnavailable(f"tvm: {path.name} is built for CUDA and this machine has no "
