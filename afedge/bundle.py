@@ -281,6 +281,12 @@ def _disk_full(e: BaseException) -> OSError | None:
     return None
 
 
+def _last_written(root: Path) -> str:
+    """The file under `root` modified last (the one a full disk interrupted), or `root` itself."""
+    files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+    return str(max(files, key=lambda p: p.stat().st_mtime_ns)) if files else f"into {root}"
+
+
 def _tree_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
 
@@ -324,7 +330,7 @@ def _write(out: Path, need_bytes: int) -> Iterator[Path]:
             if (full := _disk_full(e)) is None:
                 raise
             written = _tree_bytes(tmp)
-            raise BundleError(f"{out}: disk full writing {full.filename or 'into ' + str(tmp)}: the bundle needs "
+            raise BundleError(f"{out}: disk full writing {full.filename or _last_written(tmp)}: the bundle needs "
                               f"at least {max(need_bytes, written)} bytes ({written} written before the error), "
                               f"{shutil.disk_usage(out.parent).free} are free on {out.parent}; the previous "
                               f"bundle is untouched") from e

@@ -59,6 +59,7 @@ class Session:
     def step(self, token: np.ndarray, state: NpState) -> tuple[np.ndarray, NpState]:
         """token: (B,) int64 -> logits (B, V) float32, state."""
         token = self._tokens(token, (self.info.batch,))
+        state = [np.asarray(s) for s in state]
         self.info.spec.check(state, f"{self.runtime} step")
         out = self._run("step", [token, *state])
         return out[0], list(out[1:])
@@ -67,6 +68,7 @@ class Session:
         """tokens: (B, T) int64, any T >= 1 -> last logits (B, V), state. Whole blocks of `prefill_len` go
         through the chunked prefill graph, the remainder through `step`."""
         tokens = self._tokens(tokens, (self.info.batch, -1))
+        state = [np.asarray(s) for s in state]
         self.info.spec.check(state, f"{self.runtime} prefill")
         n, logits = self.info.prefill_len, None
         full = tokens.shape[1] - tokens.shape[1] % n

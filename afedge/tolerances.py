@@ -34,6 +34,10 @@ TOLERANCES: dict[str, Tolerance] = {
 # Long-horizon drift: fp32 `step` vs fp64 `step`, relative error bound after N steps.
 DRIFT_MAX_REL = 1e-3
 
+# Chunked prefill in constant memory: peak-RSS growth allowed for a long prompt over a short one, beyond the
+# prompt array itself (allocator and page-cache slack; one 1M-token prompt is 8 MB of int64).
+RSS_SLACK_BYTES = 16 * 1024 * 1024
+
 
 def tolerance(profile: str) -> Tolerance:
     try:
