@@ -1,0 +1,171 @@
+"""State-aware quantization: scheme ids, the fp32 policy, the torch numerics, the sensitivity report and `auto`.
+
+Everything here runs in torch on tiny models (seconds); the runtimes are judged in tests/parity (quant flows),
+tests/test_quant_bytes.py (weight bytes) and tests/test_quant_state.py (int8 state caught by the drift check).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from afedge import LM, LMConfig
+from afedge.exporting import EXPORTERS, load_plugins
+from afedge.mixers import MIXERS
+from afedge.quant import SCHEMES, QuantPolicy, plan_quant, resolve_plan, scheme
+from afedge.quant.auto import AUTO_ORDER, auto_plan
+from afedge.quant.policy import EMBEDDING, HEAD, NORM, STATE_SENSITIVE, mixer_fp32_names
+from afedge.quant.sensitivity import sensitivity_report, simulated_error
+from afedge.quant.weights import dequantize, pack_int4, quantize, unpack_int4
+from afedge.registry import RegistryError
+from afedge.tolerances import AUTO_MARGIN_DB, TOLERANCES, tolerance
+
+load_plugins()
+
+# Parameter names that hold a decay, a step size or a state matrix, and module names of norms: a mixer must keep
+# them fp32.
+DECAY_NAME = re.compile(r"decay|gamma|(^|_)dt(_|$)|A_log|A_real|A_imag|time_first|^w[012]$|^(alpha|delta)$")
+NORM_NAME = re.compile(r"norm|^ln(_|\d|$)")
+# Mixers with no state-sensitive parameter at all (no decay: the state is a plain running sum or a window).
+NOTHING_TO_DECLARE = {"aft_simple", "linear_transformer", "synthesizer_dense", "synthesizer_random"}
+
+
+def _model(mixer: str = "mamba", d: int = 32) -> LM:
+    return LM(LMConfig(d_model=d, n_layers=2, mixer=mixer))
+
+
+def test_scheme_ids_are_stable_and_each_has_its_tolerance_entry():
+    assert SCHEMES.names() == sorted(["fp32", "fp16", "int8", "int8-dyn", "int4-g32", "int4-g128", "8da4w",
+                                      "qdq-u8", "qdq-u16a8w"])
+    for sid in SCHEMES.names():
+        assert scheme(sid).tolerance == sid and sid in TOLERANCES
+    with pytest.raises(RegistryError, match="unknown quant scheme 'int3'; known: 8da4w, fp16"):
+        scheme("int3")
+
+
+def test_exporters_claim_only_registered_schemes():
+    for name in EXPORTERS.names():
+        claimed = EXPORTERS.get(name).quant_schemes
+        assert "fp32" in claimed and set(claimed) <= set(SCHEMES.names()), (name, claimed)
+
+
+def _mixer_case(name: str):
+    slow = name == "hyena"   # distills its long filter at construction: ~1 min of CPU
+    return pytest.param(name, marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("mixer", [_mixer_case(n) for n in MIXERS.names()])
+def test_every_mixer_declares_its_state_sensitive_params(mixer):
+    """Each `fp32_params` prefix names something real, and every decay / dt / A / norm parameter is covered."""
+    m = MIXERS.get(mixer)(32)
+    prefixes = type(m).fp32_params
+    names = [n for n, _ in [*m.named_modules(), *m.named_parameters(), *m.named_buffers()] if n]
+    for p in prefixes:
+        assert any(n == p or n.startswith(p + ".") for n in names), f"{mixer}: fp32_params '{p}' matches nothing"
+    covered = lambda n: any(n == p or n.startswith(p + ".") for p in prefixes)  # noqa: E731
+    for n, t in [*m.named_parameters(), *m.named_buffers()]:
+        parts = n.split(".")
+        if t.is_floating_point() and (DECAY_NAME.search(parts[-1]) or any(NORM_NAME.search(p) for p in parts)):
+            assert covered(n), f"{mixer}: '{n}' looks state-sensitive but is not in fp32_params {prefixes}"
+    assert bool(prefixes) != (mixer in NOTHING_TO_DECLARE), f"{mixer}: fp32_params {prefixes}"
+
+
+def test_plan_keeps_state_params_norms_and_embedding_fp32():
+    model = _model("mamba")
+    plan = plan_quant(model, "int8")
+    for i in range(2):
+        assert f"blocks.{i}.mixer.dt_proj" not in plan.quantized          # a Linear, but Δ: kept fp32
+        assert plan.kept_fp32[f"blocks.{i}.mixer.dt_proj.weight"] == STATE_SENSITIVE
+        assert plan.kept_fp32[f"blocks.{i}.mixer.A_log"] == STATE_SENSITIVE
+        assert plan.kept_fp32[f"blocks.{i}.norm1.weight"] == NORM
+        assert f"blocks.{i}.mixer.in_proj" in plan.quantized
+    assert plan.kept_fp32["embed.weight"] == EMBEDDING
+    assert mixer_fp32_names(model) >= {"blocks.0.mixer.A_log", "blocks.1.mixer.conv1d.weight"}
+    # every float parameter is either a quantized weight or recorded as kept, with its reason
+    params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    assert params == {f"{q}.weight" for q in plan.quantized} | (params & set(plan.kept_fp32))
+
+
+def test_head_is_an_explicit_choice():
+    model = _model("retnet")
+    assert plan_quant(model, "int4-g32").overrides == {"head": "int8"}            # default: the 8-bit sibling
+    assert plan_quant(model, "8da4w").overrides == {"head": "int8-dyn"}
+    assert plan_quant(model, "int8").overrides == {} and "head" in plan_quant(model, "int8").quantized
+    fp32_head = plan_quant(model, "int4-g32", QuantPolicy(head="fp32"))
+    assert "head" not in fp32_head.quantized and fp32_head.kept_fp32["head.weight"] == HEAD
+    assert plan_quant(model, "int4-g32", QuantPolicy(head="scheme")).overrides == {}
+    with pytest.raises(ValueError, match="QuantPolicy.head must be one of"):
+        QuantPolicy(head="int2")
+
+
+def test_group_size_must_divide_in_features():
+    plan = plan_quant(_model("retnet"), "int4-g128")   # d=32: only the MLP's down projection (in 128) divides
+    assert set(plan.quantized) == {"blocks.0.mlp.2", "blocks.1.mlp.2", "head"}
+    assert plan.kept_fp32["blocks.0.mixer.q_proj.weight"] == "in_features 32 not divisible by the group size 128"
+
+
+def test_float_schemes_quantize_nothing():
+    for sid in ("fp32", "fp16"):
+        plan = plan_quant(_model(), sid)
+        assert plan.quantized == () and plan.overrides == {}
+
+
+@pytest.mark.parametrize("bits,group", [(8, 0), (4, 32), (4, 128)])
+def test_weight_quantization_roundtrip(bits, group):
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(0))
+    q, s = quantize(w, bits, group)
+    assert q.dtype == torch.int8 and s.shape == (16, 256 // (group or 256))
+    assert int(q.min()) >= -(2 ** (bits - 1)) and int(q.max()) <= 2 ** (bits - 1) - 1
+    err = (dequantize(q, s) - w).abs().reshape(16, s.shape[1], -1)
+    assert bool((err <= s.abs()[..., None]).all())                     # within one step everywhere
+    if bits == 4:
+        packed = pack_int4(q)
+        assert packed.dtype == torch.uint8 and packed.shape == (16, 128)
+        assert torch.equal(unpack_int4(packed).to(torch.int8), q)
+
+
+def test_sensitivity_report_covers_the_plan_most_sensitive_first():
+    model = _model("retnet")
+    rows = sensitivity_report(model, "int4-g32", length=32)
+    assert {r.layer for r in rows} == set(plan_quant(model, "int4-g32").quantized)
+    assert [r.sqnr_db for r in rows] == sorted(r.sqnr_db for r in rows)
+    plan = plan_quant(model, "int4-g32")
+    one = lambda layer: simulated_error(model, plan.__class__(plan.scheme, (layer,), overrides=plan.overrides),  # noqa: E731
+                                        length=32)[0]
+    assert one(rows[0].layer) == pytest.approx(rows[0].sqnr_db) and one(rows[0].layer) < one(rows[-1].layer)
+
+
+def test_auto_promotes_the_most_sensitive_layers_until_the_prediction_clears_the_bound():
+    model = _model("retnet")
+    plan = auto_plan(model, ("fp32", "int8", "int4-g32"))
+    [tried] = plan.auto["tried"]
+    bound = tolerance("int4-g32").sqnr_db + AUTO_MARGIN_DB
+    report = plan.auto["report"]
+    assert [r["layer"] for r in report[:len(tried["promoted"])]] == tried["promoted"]   # most sensitive first
+    noise = lambda rows: -10 * math.log10(sum(10 ** (-r["sqnr_db"] / 10) for r in rows))  # noqa: E731
+    assert noise(report[len(tried["promoted"]):]) >= bound - 0.01 > noise(report[len(tried["promoted"]) - 1:])
+    # under a 4-bit scheme the promoted layers get the 8-bit sibling; the plan is what was simulated
+    assert plan.scheme == "int4-g32" and tried["chosen"] and tried["simulated_sqnr_db"] >= bound
+    assert {n for n, s in plan.overrides.items() if s == "int8"} == {*tried["promoted"], "head"}
+    sqnr, top1 = simulated_error(model, plan)
+    assert sqnr == pytest.approx(tried["simulated_sqnr_db"], abs=0.01) and top1 >= tolerance("int4-g32").top1
+
+
+def test_auto_tries_most_compressing_first_and_falls_back_to_fp32():
+    model = _model("mamba")
+    plan = resolve_plan("auto", model, ("fp32", "int8"))         # an exporter claiming only int8
+    assert plan.scheme == "int8" and [t["scheme"] for t in plan.auto["tried"]] == ["int8"]
+    plan = resolve_plan("auto", model, ("fp32",))
+    assert plan.scheme == "fp32" and plan.quantized == ()
+    assert AUTO_ORDER.index("int4-g32") < AUTO_ORDER.index("int8")
+
+
+def test_cli_accepts_auto():
+    from afedge.cli import build_parser
+    args = build_parser().parse_args(["export", "--target", "host", "--quant", "auto"])
+    assert args.quant == "auto"
+    help_text = next(a.help for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
+                     if "--quant" in a.option_strings)
+    assert all(s in help_text for s in (*SCHEMES.names(), "auto"))
