@@ -174,7 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--trust-remote-code", action="store_true",
                    help="allow a Hugging Face checkpoint's own modelling code (config.json auto_map)")
     s.add_argument("--runtimes", help="comma-separated exporters (default: the target's list)")
-    s.add_argument("--quant", help="quant scheme id (default: the target's)")
+    s.add_argument("--quant", help="quant scheme id: fp32, fp16, int8, int8-dyn, int4-g32, int4-g128, 8da4w, "
+                                   "qdq-u8, qdq-u16a8w, or 'auto' (per exporter, from the per-layer sensitivity "
+                                   "report); default: the target's (README: Quantization)")
     s.add_argument("--out", help="bundle directory (default: out/<target>)")
     s.add_argument("--steps", type=int, default=256, help="decode steps in the parity gate")
     s.add_argument("--no-verify", action="store_true", help="write the bundle even if the parity gate fails")

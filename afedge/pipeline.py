@@ -17,6 +17,7 @@ from afedge.exporting import EXPORTERS, Artifact, load_plugins
 from afedge.parity.compare import Report, compare
 from afedge.parity.workloads import Workload, prompt_decode
 from afedge.precision import check_fp16_range
+from afedge.quant.gate import quant_summary, tolerance_name
 from afedge.rewrite import RecurrentProgram, to_recurrent
 from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
 from afedge.target import Target
@@ -64,7 +65,8 @@ def reference_program(bundle: Bundle) -> RecurrentProgram:
 
 
 def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progress = print) -> list[GateResult]:
-    """Compare every artifact that can run on this machine with the torch reference."""
+    """Compare every artifact that can run on this machine with the torch reference, each with its quant
+    scheme's tolerance profile (`tol_name` for artifacts that record none)."""
     from afedge.runtimes.torch import TorchSession
     ref = TorchSession(reference_program(bundle), bundle.manifest["target"]["profile"]["threads"])
     results = []
@@ -75,7 +77,8 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
         except RuntimeUnavailable as e:
             results.append(GateResult(art.name, "unavailable", None, str(e)))
             continue
-        rep = compare(ref, sess, workload, tolerance(tol_name), tol_name)
+        art_tol = tolerance_name(art.info, tol_name)  # the artifact's quant scheme's profile
+        rep = compare(ref, sess, workload, tolerance(art_tol), art_tol)
         sess.close()
         results.append(GateResult(art.name, "pass" if rep.passed else "fail", rep, rep.failure))
     return results
@@ -177,6 +180,7 @@ def _manifest(program: RecurrentProgram, target: Target, quant: str, artifacts: 
         "rewrite_report": program.report(),
         "target": {"name": target.name, "profile": {k: v for k, v in target.__dict__.items() if k != "path"}},
         "quant": quant,
+        "quantization": quant_summary(artifacts),
         "tokenizer": TOKENIZER,
         "artifacts": [a.to_json() for a in artifacts],
         "versions": versions(),

@@ -5,7 +5,8 @@ Flow: `program.export("step")`, `program.export("prefill")` (under no_grad) -> `
 constants inside the one file. Heavy imports (executorch, coremltools) are lazy.
 
 Partitioners come from the target's `[executorch] partitioners`:
-  ["xnnpack"] -> XnnpackPartitioner (CPU), artifact "executorch", quant fp32;
+  ["xnnpack"] -> XnnpackPartitioner (CPU), artifact "executorch", quant fp32, int8, int8-dyn or 8da4w (torchao
+                 quantizes a copy of the model first: afedge.quant.et_torchao);
   ["coreml"]  -> CoreMLPartitioner with compile specs from the profile (`compute_precision`,
                  `minimum_deployment_target`, optional `compute_unit`), artifact "executorch-coreml",
                  quant fp16 (the delegate computes in fp16; needs compute_precision = "float16") or fp32
@@ -27,11 +28,14 @@ from pathlib import Path
 from typing import ClassVar
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
+from afedge.quant import QuantPlan, resolve_plan
+from afedge.quant import scheme as get_scheme
+from afedge.quant.et_torchao import REALISED_AS
 from afedge.rewrite import METHODS, RecurrentProgram
 from afedge.target import Target
 
 __all__ = ["ExecuTorchExporter", "PARTITIONERS", "PTE_FILE", "lower", "delegation_report", "delegation_lines",
-           "xnnpack_safe"]
+           "xnnpack_safe", "pte_weight_bytes"]
 
 PTE_FILE = "model.pte"
 PARTITIONERS = ("xnnpack", "coreml")
@@ -215,12 +219,14 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s.splitlines()[0] if s else ''}"
 
 
-def lower(programs: dict, partitioners: list, where: str = "exporter 'executorch'", fold_constants: bool = True):
+def lower(programs: dict, partitioners: list, where: str = "exporter 'executorch'", fold_constants: bool = True,
+          keep_ops: set | None = None):
     """ExportedPrograms by method -> lowered EdgeProgramManager. Errors name the method and the node / op.
 
     fold_constants: run ExecuTorch's constant propagation first, so subgraphs that depend only on parameters
     (decay matrices, causal masks: arange / full / le / where) become constants instead of portable kernels run
-    on every call (retnet prefill: 114 -> 46 portable nodes, a smaller .pte, lowering about 25% faster)."""
+    on every call (retnet prefill: 114 -> 46 portable nodes, a smaller .pte, lowering about 25% faster).
+    keep_ops: ops constant propagation must not evaluate (torchao's quantize / dequantize of weights)."""
     from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes.constant_prop_pass import constant_prop_pass
 
@@ -228,7 +234,7 @@ def lower(programs: dict, partitioners: list, where: str = "exporter 'executorch
         _strip_provenance(ep.graph_module)
     if fold_constants:
         try:
-            programs = {m: constant_prop_pass(ep) for m, ep in programs.items()}
+            programs = {m: constant_prop_pass(ep, custom_skip_targets=keep_ops) for m, ep in programs.items()}
         except Exception as e:
             raise ExportError(f"{where}: constant folding failed: {_first_line(e)}; "
                               f"lower(..., fold_constants=False) skips it") from e
@@ -251,6 +257,16 @@ def _blame(programs: dict, partitioners: list) -> str:
         except Exception:
             return method
     return "+".join(programs)
+
+
+def pte_weight_bytes(path: Path) -> int:
+    """Bytes of constant data a .pte holds: its constant buffer (non-delegated weights, e.g. the embedding) plus
+    the named data store, where XNNPACK keeps its (packed) weights, shared by both methods."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    pte = deserialize_pte_binary(Path(path).read_bytes())
+    named = getattr(pte, "named_data", None)
+    return (sum(len(b.storage) for b in pte.program.constant_buffer)
+            + sum(len(b) for b in (getattr(named, "buffers", None) or [])))
 
 
 def _coreml_partitioner(target: Target, quant: str) -> tuple[object, dict]:
@@ -292,8 +308,9 @@ class ExecuTorchExporter(Exporter):
     name = "executorch"
     runtime = "executorch"
     extra = "executorch"
-    # fp16 only through the Core ML delegate (its compute precision); XNNPACK artifacts are fp32.
-    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "fp16")
+    # fp16 only through the Core ML delegate (its compute precision); integer schemes through torchao for
+    # XNNPACK (afedge.quant.et_torchao: int8 and int8-dyn are both realised with dynamic int8 activations).
+    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8-dyn", "8da4w")
 
     @staticmethod
     def partitioner_names(target: Target) -> list[str]:
@@ -310,6 +327,9 @@ class ExecuTorchExporter(Exporter):
         if quant == "fp16" and "coreml" not in self.partitioner_names(target):
             raise ExportError(f"exporter 'executorch' (target {target.name}): quant 'fp16' is realised only by "
                               f"the Core ML delegate (partitioners = [\"coreml\"]); XNNPACK artifacts are fp32")
+        if get_scheme(quant).quantizes_weights and "xnnpack" not in self.partitioner_names(target):
+            raise ExportError(f"exporter 'executorch' (target {target.name}): quant '{quant}' is realised only "
+                              f"through XNNPACK (partitioners = [\"xnnpack\"]); the Core ML delegate takes fp16")
 
     def partitioners(self, target: Target, quant: str) -> tuple[list, dict]:
         names, parts, specs = self.partitioner_names(target), [], {}
@@ -321,7 +341,10 @@ class ExecuTorchExporter(Exporter):
                 parts.append(part)
         return parts, specs
 
-    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
+    def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
+               out_dir: Path) -> list[Artifact]:
+        plan = resolve_plan(quant, program.model, self.quant_schemes)
+        quant = plan.scheme
         self.check_quant(quant, target)
         require("executorch.exir", self.extra)
         where = f"exporter 'executorch' (target {target.name})"
@@ -329,6 +352,12 @@ class ExecuTorchExporter(Exporter):
         names = self.partitioner_names(target)
 
         t0 = time.perf_counter()
+        keep = None
+        if plan.quantized:
+            from afedge.quant.et_torchao import keep_ops, torchao_quantized
+            require("torchao.quantization", self.extra)
+            program, keep = RecurrentProgram(torchao_quantized(program.model, plan), program.chunk_size,
+                                             program.prefill_len, program.batch), keep_ops()
         programs = {}
         for method in METHODS:
             try:
@@ -340,7 +369,7 @@ class ExecuTorchExporter(Exporter):
         export_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        edge = lower(programs, parts, where)
+        edge = lower(programs, parts, where, keep_ops=keep)
         report = delegation_report(edge)
         lower_s = time.perf_counter() - t1
 
@@ -366,6 +395,8 @@ class ExecuTorchExporter(Exporter):
             "bytes": path.stat().st_size,
             "export_s": round(export_s, 2), "lower_s": round(lower_s, 2),
             "to_executorch_s": round(time.perf_counter() - t2, 2),
+            "quant": plan.to_json() | {"weight_bytes": pte_weight_bytes(path)}
+                     | ({"realised_as": REALISED_AS[quant]} if quant in REALISED_AS else {}),
         }
         if coreml:
             info["coreml"] = specs["coreml"]

@@ -20,6 +20,9 @@ from typing import ClassVar
 import torch
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
+from afedge.quant import QuantPlan, resolve_plan
+from afedge.quant.calibration import calibration_feeds
+from afedge.quant.onnx_ort import quantize_graph, weight_bytes
 from afedge.rewrite import METHODS, RecurrentProgram
 from afedge.target import Target
 
@@ -31,13 +34,17 @@ class OnnxExporter(Exporter):
     name = "onnx"
     runtime = "onnxruntime"
     extra = "onnx"
-    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32",)   # ORT quantization (int8-dyn, int4, QDQ) comes later
+    # Realised through onnxruntime.quantization on the exported fp32 graph (afedge.quant.onnx_ort).
+    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int8-dyn", "int4-g32", "int4-g128", "qdq-u8",
+                                                "qdq-u16a8w")
     opset: ClassVar[int] = 18                               # default; a target's `[onnx] opset` overrides it
     external_data_threshold: ClassVar[int] = 2 * 1024**3    # bytes of weights above which data goes external
     files: ClassVar[dict[str, str]] = {m: f"{m}.onnx" for m in METHODS}
 
-    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
-        self.check_quant(quant, target)
+    def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
+               out_dir: Path) -> list[Artifact]:
+        plan = resolve_plan(quant, program.model, self.quant_schemes)
+        self.check_quant(plan.scheme, target)
         onnx = require("onnx", self.extra)
         require("onnxscript", self.extra)  # torch.onnx's dynamo exporter needs it
         out_dir = Path(out_dir)
@@ -46,6 +53,12 @@ class OnnxExporter(Exporter):
         threshold = int(target.onnx.get("external_data_threshold", self.external_data_threshold))
         weights = model_nbytes(program.model)
         external = weights > threshold
+        if external and plan.quantized:
+            raise ExportError(f"exporter 'onnx' (target {target.name}): quant '{plan.scheme}' of a model above "
+                              f"the external-data threshold ({weights} > {threshold} bytes) is not supported; "
+                              f"export fp32, or use the executorch / tvm exporter")
+        feeds = calibration_feeds(program) if plan.quantized and plan.spec.activations == "static" else {}
+        qinfo = {"weight_bytes": 0, "fp32_weight_bytes": 0, "methods": {}}
 
         info: dict = {"opset": opset, "ir_version": None, "external_data": {}, "weights_bytes": weights,
                       "ops": {}, "bytes": {}, "export_seconds": {}}
@@ -55,6 +68,9 @@ class OnnxExporter(Exporter):
             onnx_program = self._export_graph(program, method, opset, target)
             onnx_program.save(str(path), external_data=external)
             info["export_seconds"][method] = round(time.perf_counter() - t0, 3)
+            qinfo["methods"][method] = self._quantize(path, program, plan, feeds.get(method), target, external)
+            qinfo["weight_bytes"] += qinfo["methods"][method]["weight_bytes"]
+            qinfo["fp32_weight_bytes"] += qinfo["methods"][method]["fp32_weight_bytes"]
             data = path.with_name(path.name + ".data")
             if external and data.is_file():
                 info["external_data"][method] = data.name
@@ -68,8 +84,27 @@ class OnnxExporter(Exporter):
             info["ir_version"] = int(model.ir_version)
             info["ops"][method] = op_types(model)
             info["bytes"][method] = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        info["quant"] = plan.to_json() | qinfo
         return [Artifact(name="onnx", exporter=self.name, runtime=self.runtime, arch="any",
                          files=dict(self.files), info=info)]
+
+    def _quantize(self, path: Path, program: RecurrentProgram, plan: QuantPlan, feeds: list | None,
+                  target: Target, external: bool) -> dict:
+        """Quantize the saved fp32 graph of one method in place (nothing to do for fp32); what it did, in bytes."""
+        if not plan.quantized:
+            onnx = require("onnx", self.extra)
+            n = weight_bytes(onnx.load(str(path), load_external_data=True)) if not external else model_nbytes(
+                program.model)
+            return {"weight_bytes": n, "fp32_weight_bytes": n}
+        require("onnxruntime", self.extra)
+        linears = {n: program.model.get_submodule(n).weight.detach().float().numpy() for n in plan.quantized}
+        providers = [p if isinstance(p, str) else p[0] for p in target.onnx.get("providers", [])]
+        try:
+            return quantize_graph(path, plan, linears, feeds, qnn="QNNExecutionProvider" in providers)
+        except Exception as e:  # noqa: BLE001 - onnxruntime.quantization raises many types
+            raise ExportError(f"exporter 'onnx' (target {target.name}): quantizing {path.name} as "
+                              f"'{plan.scheme}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}; "
+                              f"try --quant fp32 or another scheme") from e
 
     def _export_graph(self, program: RecurrentProgram, method: str, opset: int, target: Target):
         """torch.onnx.export of one method; any failure becomes an ExportError naming the op and where it is."""

@@ -13,6 +13,10 @@ A CUDA target on a machine without a usable CUDA toolchain (TVM compiles kernels
 ExportError for the whole export, host twin included: the exporter never hands back a CPU build alone for the
 GPU build the profile asked for (export `--target host` for the CPU library). The CUDA library is built first.
 
+Quantized schemes (int8, int4-g32, int4-g128) swap the planned Linear layers for QuantLinear (integers plus fp32
+scales, dequantized in the graph) before export; the integers stay function parameters through constant folding
+(`import_quantized`) and are bound right after it, so the library holds them as integers (FIELD-NOTES).
+
 Calling convention of every function: (token(s), *state) -> (logits, *state), in the StateSpec order.
 """
 from __future__ import annotations
@@ -23,10 +27,13 @@ from pathlib import Path
 from typing import ClassVar
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
+from afedge.quant import QuantPlan, resolve_plan
+from afedge.quant.weights import quantized_copy
 from afedge.rewrite import METHODS, RecurrentProgram
 from afedge.target import Target, host_arch
 
-__all__ = ["TvmExporter", "HOST_TARGET", "PIPELINES", "import_program", "compile_module", "tvm_arch"]
+__all__ = ["TvmExporter", "HOST_TARGET", "PIPELINES", "import_program", "import_quantized", "compile_module",
+           "tvm_arch"]
 
 HOST_TARGET: dict = {"kind": "llvm"}    # the host twin: generic x86-64 (-mcpu=native is ignored by TVM 0.27)
 
@@ -118,23 +125,41 @@ CUSTOM_CONVERT_MAP = {
 
 def import_program(program: RecurrentProgram):
     """Both methods as one Relax IRModule {"step", "prefill"}, each (token(s), *state) -> (logits, *state)."""
+    return _import(program, late=False)[0]
+
+
+def import_quantized(program: RecurrentProgram):
+    """`import_program` for a program holding quantized weights (afedge.quant QuantLinear): (IRModule, late).
+
+    Every float parameter is bound as a constant at once, as in `import_program`; the integer ones (packed
+    weights) stay function parameters, listed in `late` ({function: {param name: tensor}}) for
+    `compile_module(..., late_params=late)` to bind after FoldConstant, which would otherwise fold the in-graph
+    dequantization back into fp32 constants (FIELD-NOTES: keep_params_as_input + detach_params)."""
+    return _import(program, late=True)
+
+
+def _import(program: RecurrentProgram, late: bool):
     tvm = require("tvm", TvmExporter.extra)
+    from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
 
-    n_state, funcs = len(program.spec.slots), {}
+    n_state, funcs, late_params = len(program.spec.slots), {}, {}
     for method in METHODS:
         ep = program.export(method)
         try:
-            mod = from_exported_program(ep, custom_convert_map=CUSTOM_CONVERT_MAP)
+            mod = from_exported_program(ep, custom_convert_map=CUSTOM_CONVERT_MAP, keep_params_as_input=late)
         except Exception as e:  # the importer raises ValueError/AssertionError/KeyError for unsupported ops
             raise ExportError(f"exporter 'tvm' cannot import the '{method}' graph of "
                               f"{'/'.join(sorted(set(program.model.family_per_layer())))}: "
                               f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else e}; "
                               f"try another runtime (onnx, executorch)") from e
         func = mod["main"]
+        if late:
+            func, late_params[method] = _bind_float_params(relax, mod, 1 + n_state)
         # from_exported_program orders params as the graph signature's user inputs (parameters are bound as
         # constants) and returns the user outputs as one tuple: check the contract rather than trust it.
-        names, want = [p.name for p in func.params], program.input_names(method)
+        names, want = [p.name for p in func.params][:len(func.params) - len(late_params.get(method, {}))], \
+            program.input_names(method)
         if len(names) != 1 + n_state:
             raise ExportError(f"exporter 'tvm': '{method}' imported with inputs {names}, expected {want}")
         fields = getattr(func.ret_ty, "fields", None)  # a TupleType: (logits, *state)
@@ -142,35 +167,72 @@ def import_program(program: RecurrentProgram):
             raise ExportError(f"exporter 'tvm': '{method}' returns {func.ret_ty}, expected a tuple of "
                               f"{1 + n_state} tensors (logits, *state)")
         funcs[method] = func.with_attr("global_symbol", method)
-    return tvm.IRModule(funcs)
+    return tvm.IRModule(funcs), late_params
 
 
-def _cpu_fast_pipeline(target):
-    """Default CPU pipeline + FuseTransposeMatmul (before legalisation) + dlight GEMV/Reduction (after fusion)."""
+def _bind_float_params(relax, mod, n_user: int):
+    """(main with its float parameters bound as constants, {name: tensor} of the integer ones left unbound)."""
+    mod, params = relax.frontend.detach_params(mod)
+    func = mod["main"]
+    pairs = list(zip(func.params[n_user:], params.get("main", [])))
+    bind = {v: relax.const(t) for v, t in pairs if not str(t.dtype).startswith(("int", "uint"))}
+    ints = {v.name: t for v, t in pairs if str(t.dtype).startswith(("int", "uint"))}
+    return (func.bind_params(bind) if bind else func), ints
+
+
+def _bind_late(late_params: dict):
+    """A module pass binding {function: {param: tensor}} as constants (after FoldConstant: they stay integers)."""
+    import tvm
+    from tvm import relax
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _bind(mod, _ctx):
+        for func, params in late_params.items():
+            if params and func in [g.name_hint for g in mod.get_global_vars()]:
+                mod = relax.transform.BindParams(func, params)(mod)
+        return mod
+
+    return _bind
+
+
+def _pipeline(target, name: str, late_params: dict | None = None):
+    """The named Relax pipeline. "cpu-fast": default CPU + FuseTransposeMatmul (before legalisation) + dlight
+    GEMV/Reduction (after fusion). With `late_params`, they are bound right after the legalisation passes
+    (LegalizeOps ... FoldConstant, FuseOps, FuseTIR), so the dequantization of packed weights stays in the graph."""
     import tvm
     import tvm.s_tir.dlight as dl
     from tvm import relax
-    from tvm.relax.backend.cpu_generic import pipeline as cpu
+
+    if name != "cpu-fast" and not late_params:
+        return relax.get_default_pipeline(target)
+    if name == "gpu-default":
+        from tvm.relax.backend.cuda import pipeline as backend
+    else:
+        from tvm.relax.backend.cpu_generic import pipeline as backend
+    fast = name == "cpu-fast"
+    late = [_bind_late(late_params)] if late_params else []
 
     @tvm.transform.module_pass(opt_level=0)
-    def _pipeline(mod, _ctx):
+    def _passes(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                [relax.transform.FuseTransposeMatmul()]
-                + cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
-                + [dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())]
-                + cpu.dataflow_lower_passes(target)
-                + cpu.finalize_passes(target))
+                ([relax.transform.FuseTransposeMatmul()] if fast else [])
+                + backend.library_dispatch_passes(target)
+                + backend.legalize_passes(target)
+                + late
+                + ([dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())] if fast else [])
+                + backend.dataflow_lower_passes(target)
+                + backend.finalize_passes(target))
             return seq(mod)
 
-    return _pipeline
+    return _passes
 
 
-def compile_module(mod, target_dict: dict, pipeline: str | None = None):
-    """Compile an IRModule for a TVM target dict; returns (Executable, pipeline name)."""
+def compile_module(mod, target_dict: dict, pipeline: str | None = None, late_params: dict | None = None):
+    """Compile an IRModule for a TVM target dict; returns (Executable, pipeline name).
+
+    late_params: integer parameters left unbound by `import_quantized`, bound after constant folding."""
     import tvm
-    from tvm import relax
 
     target = tvm.target.Target(target_dict)  # a plain dict reaches target.keys and fails (TypeError)
     kind = target.kind.name
@@ -179,7 +241,7 @@ def compile_module(mod, target_dict: dict, pipeline: str | None = None):
         raise ExportError(f"exporter 'tvm': unknown pipeline '{pipeline}'; known: {', '.join(PIPELINES)}")
     if kind != "llvm" and pipeline.startswith("cpu"):
         raise ExportError(f"exporter 'tvm': pipeline '{pipeline}' is for llvm targets, not '{kind}'")
-    passes = _cpu_fast_pipeline(target) if pipeline == "cpu-fast" else relax.get_default_pipeline(target)
+    passes = _pipeline(target, pipeline, late_params)
     try:
         return tvm.compile(mod, target, relax_pipeline=passes), pipeline
     except Exception as e:
@@ -207,11 +269,15 @@ class TvmExporter(Exporter):
     name = "tvm"
     runtime = "tvm"
     extra = "tvm"
-    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32",)
+    # Integer schemes as dequantize-in-graph weights: afedge.quant.weights.QuantLinear (int8, or int4 packed two
+    # per byte, plus fp32 scales), bound after constant folding so the library really holds the integers.
+    quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int4-g32", "int4-g128")
     host_target: ClassVar[dict] = HOST_TARGET
 
-    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
-        self.check_quant(quant, target)
+    def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
+               out_dir: Path) -> list[Artifact]:
+        plan = resolve_plan(quant, program.model, self.quant_schemes)
+        self.check_quant(plan.scheme, target)
         from afedge.runtimes.tvm import prime_thread_env
         prime_thread_env()  # before TVM's thread pool starts (compiling runs kernels), so sessions can use >1
         require("tvm", self.extra)
@@ -234,7 +300,7 @@ class TvmExporter(Exporter):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
-        mod = import_program(program)
+        mod, late, qinfo = self._import(program, plan)
         import_s = time.perf_counter() - t0
 
         builds = [(f"tvm-{'cuda' if kind == 'cuda' else ('host' if arch == 'x86_64' else arch)}",
@@ -247,7 +313,7 @@ class TvmExporter(Exporter):
         artifacts = []
         for name, a, td, link, fname in builds:
             t1 = time.perf_counter()
-            ex, pipeline = compile_module(mod, td)
+            ex, pipeline = compile_module(mod, td, late_params=late)
             _write_library(ex, out_dir / fname, link)
             artifacts.append(Artifact(
                 name=name, exporter=self.name, runtime=self.runtime, arch=a,
@@ -255,5 +321,24 @@ class TvmExporter(Exporter):
                 info={"target": td, "device": "cuda" if td["kind"] == "cuda" else "cpu", "pipeline": pipeline,
                       "cc": link or "host", "host_twin_of": builds[0][0] if name != builds[0][0] else None,
                       "bytes": (out_dir / fname).stat().st_size,
-                      "import_s": round(import_s, 2), "compile_s": round(time.perf_counter() - t1, 2)}))
+                      "import_s": round(import_s, 2), "compile_s": round(time.perf_counter() - t1, 2),
+                      "quant": qinfo}))
         return artifacts
+
+    @staticmethod
+    def _import(program: RecurrentProgram, plan: QuantPlan) -> tuple:
+        """(IRModule, late params or None, the manifest's quant record). weight_bytes counts the tensors bound
+        into the library: every float parameter plus, when quantized, the packed integers and their scales."""
+        fp32 = sum(p.numel() * p.element_size() for p in program.model.parameters())
+        if not plan.quantized:
+            return import_program(program), None, plan.to_json() | {"weight_bytes": fp32, "fp32_weight_bytes": fp32}
+        layers = {n: (plan.scheme_of(n).weight_bits, plan.scheme_of(n).group) for n in plan.quantized}
+        qprogram = RecurrentProgram(quantized_copy(program.model, layers), program.chunk_size,
+                                    program.prefill_len, program.batch)
+        mod, late = import_quantized(qprogram)
+        nbytes = sum(p.numel() * p.element_size() for p in qprogram.model.parameters())
+        packed = {n: t.numpy().nbytes for params in late.values() for n, t in params.items()}
+        return mod, late, plan.to_json() | {"weight_bytes": nbytes, "fp32_weight_bytes": fp32,
+                                            "packed_bytes": sum(packed.values()),
+                                            "realised_as": "QuantLinear: int8 / packed int4 + fp32 scales, "
+                                                           "dequantized in the graph"}

@@ -205,9 +205,11 @@ def test_quant_schemes_are_checked(tmp_path):
     program, exp = _program(MIXERS.names()[0]), ExecuTorchExporter()
     with pytest.raises(ExportError, match="executorch.*fp16.*Core ML"):
         exp.export(program, load_target("host"), "fp16", tmp_path)
-    with pytest.raises(ExportError, match="executorch.*int8"):
-        exp.export(program, load_target("host"), "int8", tmp_path)
-    assert not any(tmp_path.iterdir())  # nothing written
+    with pytest.raises(ExportError, match="executorch.*quant scheme 'int4-g32'; it supports fp32, fp16, int8"):
+        exp.export(program, load_target("host"), "int4-g32", tmp_path)   # ET's int4 is 8da4w
+    with pytest.raises(ExportError, match="executorch.*'int8' is realised only through XNNPACK"):
+        exp.export(program, load_target("apple-ane"), "int8", tmp_path)   # Core ML takes fp16, not int8
+    assert not any(tmp_path.iterdir())  # nothing written (int8 / 8da4w on XNNPACK: the parity quant flows)
 
 
 def test_coreml_pte_builds_and_refuses_to_run_here(tmp_path):

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cache
 
-from afedge.exporting import EXPORTERS, load_plugins
+from afedge.exporting import EXPORTERS, ExportError, load_plugins
 from afedge.mixers import MIXERS
 from afedge.target import load_target, target_names
 
@@ -20,6 +21,37 @@ GAPS = {
 }
 
 
+# Quant schemes beyond the targets' defaults: every scheme an exporter claims (its `quant_schemes`) and can realise
+# on QUANT_TARGET, where every runtime runs, gets a flow per mixer. QUANT_FAST names the (exporter, scheme) flows
+# of the default suite and their mixers (the acceptance schemes int8 / int4-g32 / 8da4w on one runtime each, kept
+# to the time budget); every other (mixer, exporter, scheme) runs under `slow`.
+QUANT_TARGET = "host"
+QUANT_FAST: dict[tuple[str, str], tuple[str, ...]] = {
+    ("onnx", "int4-g32"): REPRESENTATIVE,
+    ("onnx", "int8-dyn"): ("retnet",),
+    ("onnx", "qdq-u16a8w"): ("mamba",),
+    ("executorch", "8da4w"): ("mamba",),
+    ("tvm", "int4-g32"): ("retnet",),
+}
+# Measured quant gaps: (mixer, exporter, scheme) -> why that artifact misses its scheme's tolerance (xfail strict).
+QUANT_GAPS: dict[tuple[str, str, str], str] = {}
+
+
+@cache
+def default_quant(target: str) -> str:
+    return load_target(target).quant
+
+
+@cache
+def realisable(exporter: str, quant: str, target: str) -> bool:
+    """Whether `exporter` realises `quant` for `target` (its own check: e.g. fp16 needs the Core ML delegate)."""
+    try:
+        EXPORTERS.get(exporter)().check_quant(quant, load_target(target))
+    except ExportError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class Flow:
     mixer: str
@@ -32,12 +64,23 @@ class Flow:
         return f"{self.mixer}-{self.exporter}-{self.target}-{self.quant}"
 
     @property
+    def quant_flow(self) -> bool:
+        """A claimed scheme other than the target's default (see QUANT_FAST)."""
+        return self.quant != default_quant(self.target)
+
+    @property
     def slow(self) -> bool:
+        if self.quant_flow:
+            return self.mixer not in QUANT_FAST.get((self.exporter, self.quant), ())
         return self.target not in FAST_TARGETS and self.mixer not in REPRESENTATIVE
 
     @property
     def gap(self) -> str:
         return GAPS.get((self.exporter, self.target), "")
+
+    @property
+    def quant_gap(self) -> str:
+        return QUANT_GAPS.get((self.mixer, self.exporter, self.quant), "")
 
 
 def all_flows() -> list[Flow]:
@@ -46,7 +89,16 @@ def all_flows() -> list[Flow]:
         target = load_target(t)
         for exporter in target.exporters:
             flows += [Flow(m, exporter, t, target.quant) for m in MIXERS.names()]
+    for exporter, quant in sorted(claimed_on(QUANT_TARGET)):
+        if quant != default_quant(QUANT_TARGET):
+            flows += [Flow(m, exporter, QUANT_TARGET, quant) for m in MIXERS.names()]
     return flows
+
+
+def claimed_on(target: str) -> set[tuple[str, str]]:
+    """(exporter, scheme) for every scheme each of the target's exporters claims and can realise there."""
+    return {(e, q) for e in load_target(target).exporters if e in EXPORTERS
+            for q in EXPORTERS.get(e).quant_schemes if realisable(e, q, target)}
 
 
 FLOWS = all_flows()
