@@ -111,7 +111,7 @@ def _softplus(x: Tensor) -> Tensor:
 @MIXERS.register("rwkv7")
 class RWKV7(Mixer):
     family = "rwkv7"
-    fp32_params = ("w0", "w1", "w2", "ln_x")
+    fp32_params = ("w0", "w1", "w2", "a0", "a1", "a2", "ln_x")   # decay LoRA, in-context rate (delta rule), norm
 
     def __init__(self, d_model: int, n_heads: int = 2, decay_rank: int = 8, a_rank: int = 8,
                  gate_rank: int = 8, ratio_0_to_1: float = 0.5) -> None:
