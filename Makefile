@@ -21,6 +21,10 @@ system-deps:
 	  echo "installing Debian's gcc-aarch64-linux-gnu (links aarch64 TVM libraries)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq gcc-aarch64-linux-gnu; }
+	@command -v kotlinc >/dev/null || { \
+	  echo "installing Debian's kotlin (kotlinc 1.3; builds and tests examples/android's pure-Kotlin core)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq kotlin; }
 
 setup: $(STAMP) system-deps
 

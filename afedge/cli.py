@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("targets", help="list the target profiles")
     s.set_defaults(fn=cmd_targets)
+    for mod in ("afedge.train", "afedge.demo.cli", "afedge.chat.cli"):  # train, eval, chat
+        __import__("importlib").import_module(mod).add_parser(sub)
     add_bench_parser(sub)
     return p
 
