@@ -21,6 +21,8 @@ from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnav
 __all__ = ["OrtSession", "ONNX_TYPES"]
 
 CPU = "CPUExecutionProvider"
+# Default for `[onnx] iobinding` (measured in benchmarks/ort_options.py).
+IOBINDING = False
 # StateSlot.dtype -> the ONNX Runtime type string of a graph input.
 ONNX_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
               "int64": "tensor(int64)"}
@@ -48,7 +50,11 @@ class OrtSession(ArtifactSession):
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                self.options.get("graph_optimization_level", "ORT_ENABLE_ALL"))
+        for key, value in (self.options.get("session_config") or {}).items():  # e.g. session.intra_op.allow_spinning
+            opts.add_session_config_entry(str(key), str(value))
+        self._iobinding = bool(self.options.get("iobinding", IOBINDING))
 
         self._sessions, self._inputs = {}, {}
         for method, path in self.files.items():
@@ -64,6 +70,8 @@ class OrtSession(ArtifactSession):
         self.providers = next(iter(self._sessions.values())).get_providers() if self._sessions else []
         spec = self.info.spec
         self._outputs = ["logits", *(f"state_out.{n}" for n in spec.names)]
+        self._out_layout = [((self.info.batch, self.info.vocab_size), np.dtype(np.float32)),  # logits, then state
+                            *((s.shape, np.dtype(s.dtype)) for s in spec.slots)]
         for method, sess in self._sessions.items():
             names = [o.name for o in sess.get_outputs()]
             if sorted(names) != sorted(self._outputs):
@@ -90,9 +98,20 @@ class OrtSession(ArtifactSession):
         return [w[0] for w in want]
 
     def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
-        feed = {n: np.ascontiguousarray(a) for n, a in zip(self._inputs[method], inputs)}
-        return self._sessions[method].run(self._outputs, feed)
-
+        if not self._iobinding:
+            feed = {n: np.ascontiguousarray(a) for n, a in zip(self._inputs[method], inputs)}
+            return self._sessions[method].run(self._outputs, feed)
+        # IOBinding: inputs bound in place, outputs written straight into fresh arrays (no copy out of ORT; fresh,
+        # so the state a caller holds from an earlier call is never overwritten).
+        sess = self._sessions[method]
+        binding = sess.io_binding()
+        for name, a in zip(self._inputs[method], inputs):
+            binding.bind_cpu_input(name, np.ascontiguousarray(a))
+        outs = [np.empty(shape, dtype) for shape, dtype in self._out_layout]
+        for name, o in zip(self._outputs, outs):
+            binding.bind_output(name, "cpu", 0, o.dtype, o.shape, o.ctypes.data)
+        sess.run_with_iobinding(binding)
+        return outs
     def close(self) -> None:
         self._sessions = {}
 

@@ -100,3 +100,25 @@ def test_check_passes_on_a_budget_that_is_met(bundle, tmp_path):
 def test_unknown_runtime_is_a_clear_error(bundle, capsys):
     assert main(["bench", str(bundle), "--runtime", "nope"]) == 1
     assert "--runtime nope: not in" in capsys.readouterr().err
+
+
+def test_ort_iobinding_gives_the_same_numbers_and_never_reuses_a_returned_state(bundle):
+    import numpy as np
+
+    from afedge.bundle import load_bundle
+    from afedge.runtimes.onnxruntime import OrtSession
+    b = load_bundle(bundle)
+    art = b.artifact("onnx")
+    files = {m: b.file(f) for m, f in art.files.items()}
+    plain, bound = (OrtSession(files, b.info, 1, art.arch, {"iobinding": flag}) for flag in (False, True))
+    tokens = np.arange(20, dtype=np.int64)[None] % 256
+    (la, sa), (lb, sb) = plain.prefill(tokens, plain.init_state()), bound.prefill(tokens, bound.init_state())
+    kept, state = [s.copy() for s in sb], sb
+    for t in range(3):
+        la, sa = plain.step(np.array([t]), sa)
+        lb, state = bound.step(np.array([t]), state)
+    np.testing.assert_array_equal(la, lb)
+    for x, y in zip(sa, state):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(kept, sb):  # the state returned by prefill is untouched by the later steps
+        np.testing.assert_array_equal(x, y)

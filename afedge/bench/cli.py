@@ -24,6 +24,8 @@ def add_parser(sub) -> None:
                    "torch / baseline / hf select those references; default: every artifact + all references)")
     s.add_argument("--contexts", type=_ints, default=[128, 1024, 8192, 65536],
                    help="decode contexts, comma-separated (default 128,1024,8192,65536)")
+    s.add_argument("--reference-contexts", type=_ints, help="contexts for PyTorch eager and the baseline "
+                   "(default: --contexts; eager PyTorch takes long to feed 65,536 tokens)")
     s.add_argument("--prompt-len", type=int, default=2048, help="prompt for prefill and TTFT (default 2048)")
     s.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
     s.add_argument("--repeats", type=int, default=3, help="chunked prefill repeats, median (default 3)")
@@ -51,7 +53,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from afedge.bench.report import write_reports
     from afedge.bench.run import Settings, run_bench
     runtimes = [r for x in args.runtime or [] for r in x.split(",") if r] or None
-    s = Settings(contexts=args.contexts, prompt_len=args.prompt_len, steps=args.steps, repeats=args.repeats,
+    s = Settings(contexts=args.contexts, reference_contexts=args.reference_contexts, prompt_len=args.prompt_len,
+                 steps=args.steps, repeats=args.repeats,
                  tbt_tokens=args.tbt_tokens, threads=args.threads, runtimes=runtimes, torch=not args.no_torch,
                  baseline=not args.no_baseline, hf=not args.no_hf, max_kv_gib=args.baseline_max_kv_gib,
                  budgets=args.budgets, on_target=args.on_target, bandwidth_mib=args.bandwidth_mib)

@@ -39,12 +39,13 @@ def markdown(res: dict) -> str:
              f"{roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights + {roof['state_bytes_per_token'] / 1e6:.2f} MB "
              f"of state -> upper bound **{roof['decode_upper_bound_tok_s']} tok/s**.", ""]
     s = res["settings"]
-    ctxs = s["contexts"]
+    ctxs = sorted(set(s["contexts"]) | set(s.get("reference_contexts") or []))
     lines += [f"Settings: threads {res['runtimes'][0].get('threads') if res['runtimes'] else '?'}, "
               f"{s['steps']} timed steps per context (3 warm-up), prompt {s['prompt_len']} tokens, "
               f"chunked prefill median of {s['repeats']}.", "",
               "## Decode and prefill", "",
-              "| runtime | status | decode tok/s | roofline | vs torch (decode / prefill) | prefill chunked tok/s "
+              "| runtime | status | decode tok/s | roofline | vs torch eager (decode / best prefill) "
+              "| prefill chunked tok/s "
               "| token-by-token tok/s | chunked ÷ tbt | TTFT ms | peak RSS MiB | state KiB | artifact MiB |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runtimes"]:
