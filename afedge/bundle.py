@@ -56,6 +56,7 @@ def file_table(root: Path) -> dict[str, dict]:
 
 def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != SELF_DIGEST}
+    body = json.loads(json.dumps(body))  # what a reader sees: int keys (per-layer tables) become strings
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
