@@ -16,6 +16,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     if interactive:
         print(f"afedge chat: {args.bundle} on {runtime} (state {conv.stats()['state_bytes']:,} bytes); "
               f"/help for commands", file=sys.stderr)
+    if not interactive:  # a non-UTF-8 byte on stdin becomes U+FFFD in the turn instead of ending the chat
+        sys.stdin.reconfigure(errors="surrogateescape")
     repl = Repl(conv, sys.stdout, sys.stderr, interactive)
     repl.run(interactive_lines() if interactive else sys.stdin)
     return 0

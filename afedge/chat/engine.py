@@ -16,6 +16,16 @@ from afedge.demo.format import EOL, prompt
 from afedge.session import NpState, Session
 
 
+def valid_text(text: str) -> str:
+    """`text` as valid Unicode: bytes that were not UTF-8 (read with errors="surrogateescape") and lone surrogates
+    become U+FFFD, so any input line can be tokenized."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogatepass")
+    return raw.decode("utf-8", "replace")
+
+
 @dataclass
 class Counters:
     tokens_seen: int = 0        # every token the state has consumed (prompts and replies)
@@ -47,7 +57,7 @@ class Conversation:
 
     def say(self, text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Feed one user turn and return the reply; `on_text` receives it piece by piece as it is decoded."""
-        ids = self.pending + self.tokenizer.encode(prompt(text)).ids
+        ids = self.pending + self.tokenizer.encode(prompt(valid_text(text))).ids
         c, t0 = self.counters, time.perf_counter()
         logits, state = self.session.prefill(np.array([ids], dtype=np.int64), self.state)
         c.prefilled, c.prefill_s, c.tokens_seen = c.prefilled + len(ids), c.prefill_s + time.perf_counter() - t0, \

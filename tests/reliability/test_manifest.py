@@ -101,3 +101,14 @@ def test_the_real_command_exits_1_with_one_line_and_debug_shows_the_traceback(bu
                                                  f"or corrupted)"]
     debug = subprocess.run(cmd[:3] + ["--debug"] + cmd[3:], capture_output=True, text=True, timeout=300)
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "BundleError" in debug.stderr
+
+
+def test_int_keyed_tables_survive_the_digest(tmp_path):
+    """Per-layer tables keyed by int (1, 2, ..., 10) sort differently once JSON turns the keys into strings."""
+    from afedge.bundle import staged, write_manifest
+    out = tmp_path / "b"
+    with staged(out) as tmp:
+        (tmp / "w.bin").write_bytes(b"w")
+        write_manifest(tmp, {k: {} for k in ("model", "program", "target", "parity")}
+                       | {"state": [], "quant": "fp32", "artifacts": [], "per_layer": {i: i for i in range(12)}})
+    assert load_bundle(out).manifest["per_layer"]["10"] == 10
