@@ -198,12 +198,26 @@ def test_racing_writers_one_wins_files_never_mix(tmp_path):
 
 # -- case 18: read-only directory, odd paths -----------------------------------------------------------------------
 
+@contextlib.contextmanager
+def read_only_dir(path: Path):
+    """A directory this process cannot write: mode 0555, or (root ignores modes) a read-only tmpfs."""
+    if os.geteuid() == 0:
+        with tmpfs(path, "64k", "ro") as ro:
+            yield ro, "Read-only file system"
+        return
+    path.mkdir()
+    path.chmod(0o555)
+    try:
+        yield path, "Permission denied"
+    finally:
+        path.chmod(0o755)
+
+
 def test_read_only_output_directory_is_one_clear_error(tmp_path, checkpoint_dir, capsys):
-    with tmpfs(tmp_path / "ro", "64k", "ro") as ro:
+    with read_only_dir(tmp_path / "ro") as (ro, why):
         rc, _, err = cli(capsys, "export", "--target", "host", "--runtimes", "onnx", "--model", checkpoint_dir,
                          "--out", ro / "b")
-        assert_one_line_error(rc, err, f"{ro / 'b'}: cannot write the bundle: {ro} is not writable",
-                              "Read-only file system")
+        assert_one_line_error(rc, err, f"{ro / 'b'}: cannot write the bundle: {ro} is not writable", why)
         assert list(ro.iterdir()) == []
 
 
