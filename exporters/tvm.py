@@ -84,9 +84,9 @@ def _clamp(which: str):
     `(i - j).clamp(min=0)` lag of a Toeplitz index) legalisation then fails with
     `RuntimeError: Cannot convert infinity to BigInt`. Integer clamps become maximum/minimum with only the
     bounds that were given; float clamps keep the importer's own lowering."""
-    from tvm import relax
 
     def convert(node, importer):
+        from tvm import relax  # lazy: the map is built at import time, and `import afedge` must stay light
         x = importer.env[node.args[0]]
         dtype = str(x.ty.dtype)
         if not (dtype.startswith("int") or dtype.startswith("uint")):
