@@ -19,7 +19,7 @@ def variants() -> dict[str, dict]:
     """name -> overrides of the `[onnx]` options OrtSession reads (runtimes/onnxruntime.py); "threads" aside."""
     return {
         "default": {},
-        "no-spin": {"session_config": {"session.intra_op.allow_spinning": "0"}},
+        "spin": {"session_config": {"session.intra_op.allow_spinning": "1"}},
         "extended": {"graph_optimization_level": "ORT_ENABLE_EXTENDED"},
         "1-thread": {"threads": 1},
         "iobinding": {"iobinding": True},

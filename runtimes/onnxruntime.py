@@ -21,8 +21,12 @@ from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnav
 __all__ = ["OrtSession", "ONNX_TYPES"]
 
 CPU = "CPUExecutionProvider"
-# Default for `[onnx] iobinding` (measured in benchmarks/ort_options.py).
+# Defaults for `[onnx] iobinding` and `[onnx] session_config`, measured with benchmarks/ort_options.py on the 130M
+# Mamba (2 threads, this shared 2-core box at load ~14): IOBinding 209 vs 187 ms/step (no gain: off); intra-op
+# threads that sleep instead of spinning 27.6 vs 187 ms/step and 119 vs 40 prefill tok/s (spinning workers fight
+# every other process for the cores), so spinning is off unless a profile turns it back on.
 IOBINDING = False
+SESSION_CONFIG = {"session.intra_op.allow_spinning": "0"}
 # StateSlot.dtype -> the ONNX Runtime type string of a graph input.
 ONNX_TYPES = {"float32": "tensor(float)", "float64": "tensor(double)", "float16": "tensor(float16)",
               "int64": "tensor(int64)"}
@@ -52,7 +56,7 @@ class OrtSession(ArtifactSession):
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
                                                 self.options.get("graph_optimization_level", "ORT_ENABLE_ALL"))
-        for key, value in (self.options.get("session_config") or {}).items():  # e.g. session.intra_op.allow_spinning
+        for key, value in (SESSION_CONFIG | (self.options.get("session_config") or {})).items():
             opts.add_session_config_entry(str(key), str(value))
         self._iobinding = bool(self.options.get("iobinding", IOBINDING))
 

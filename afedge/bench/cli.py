@@ -59,9 +59,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  baseline=not args.no_baseline, hf=not args.no_hf, max_kv_gib=args.baseline_max_kv_gib,
                  budgets=args.budgets, on_target=args.on_target, bandwidth_mib=args.bandwidth_mib)
     bundle = Path(args.bundle)
-    res = run_bench(bundle, s, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
-                    timeout=args.timeout)
     out = args.out or bundle.absolute().parent / f"{bundle.absolute().name}-bench.md"
+    partial = out.with_suffix(".partial.json")
+    res = run_bench(bundle, s, progress=lambda m: print(f"bench: {m}", file=sys.stderr, flush=True),
+                    timeout=args.timeout, partial=partial)
+    partial.unlink(missing_ok=True)
     paths = write_reports(res, out)
     _summary(res)
     print("reports: " + ", ".join(map(str, paths)), file=sys.stderr)

@@ -157,8 +157,10 @@ def _budgets(bundle: Bundle, s: Settings) -> tuple[dict, str]:
         return bundle.manifest["target"]["profile"].get("budgets", {}), f"{bundle.path}/manifest.json"
 
 
-def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: float | None = None) -> dict:
-    """Measure every selected runtime of the bundle at `path`; returns the JSON-ready result."""
+def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: float | None = None,
+              partial: Path | None = None) -> dict:
+    """Measure every selected runtime of the bundle at `path`; returns the JSON-ready result. `partial`: a JSON
+    file rewritten after every runtime with the rows so far (a long run that is killed keeps what it measured)."""
     bundle = load_bundle(Path(path))
     if not s.contexts or min(s.contexts) < 1 or s.prompt_len < 1 or s.steps < 1:
         raise ValueError("--contexts must be positive integers, --prompt-len and --steps >= 1")
@@ -172,6 +174,9 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
             progress(f"{head['name']}: fresh process")
             head = head | _worker(spec, timeout)
         rows.append(head)
+        if partial is not None:
+            partial.parent.mkdir(parents=True, exist_ok=True)
+            partial.write_text(json.dumps({"roofline": roof, "runtimes": rows, "load": _load()}, indent=1))
     _derive(rows, roof)
     budgets, budget_file = _budgets(bundle, s)
     on_device = bundle.target == "host" or s.on_target
