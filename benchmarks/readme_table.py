@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 
 # The bar (issue 9): fp32 on "this kind of machine" (2 cores, AVX2, ~29 GB/s), measured elsewhere, not in our run.
-BAR = {"llama.cpp f32": (42.0, 218.0), "transformers generate f32": (15.0, 92.0), "PyTorch eager step loop": (19.0, None)}
+BAR = {"llama.cpp f32": (42.0, 218.0), "transformers generate f32": (15.0, 92.0),
+       "PyTorch eager step loop": (19.0, None)}
 
 
 def _f(x, fmt=".1f") -> str:
@@ -37,7 +38,8 @@ def table(res: dict) -> list[str]:
                 f"({_f(g.get('latency'), '.3f')}×)") if dec else "—"
         lines.append(f"| {r['name']} | {_f(r.get('decode_tok_s'))} | {span} | {_f(g.get('memory'), '.3f')}× | "
                      f"{_f(r.get('roofline_ratio'), '.0%')} | {_f(p.get('chunked_tok_s'))} | "
-                     f"{_f(p.get('token_by_token_tok_s'))} | {_f(p.get('speedup'))}× | {_f(r.get('ttft_ms'), '.0f')} | "
+                     f"{_f(p.get('token_by_token_tok_s'))} | {_f(p.get('speedup'))}× | "
+                     f"{_f(r.get('ttft_ms'), '.0f')} | "
                      f"{_f(up.get('decode'), '.2f')}× / {_f(up.get('prefill'), '.2f')}× |")
     return lines
 
