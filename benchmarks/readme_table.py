@@ -24,7 +24,7 @@ def table(res: dict) -> list[str]:
              f"({res['model']['parameters'] / 1e6:.1f}M parameters, fp32)**: {mach['cpu']}, {mach['cores']} cores, "
              f"load average {mach['load_before'][0]} → {mach['load_after'][0]}, {mach['time']}; bandwidth "
              f"{roof['bandwidth_gb_s']} GB/s → decode roofline {roof['decode_upper_bound_tok_s']:.1f} tok/s.", "",
-             "| runtime | decode tok/s | ms/token @128 → @max ctx (growth) | peak RSS growth | roofline | "
+             "| runtime | decode tok/s | ms/token smallest → largest ctx (growth) | peak RSS growth | roofline | "
              f"prefill tok/s ({res['settings']['prompt_len']}) | token-by-token | chunked ÷ tbt | TTFT ms | "
              "vs PyTorch eager (decode / prefill) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
@@ -34,7 +34,7 @@ def table(res: dict) -> list[str]:
             continue
         dec = [d for d in r.get("decode") or [] if d.get("median_ms")]
         p, g, up = r.get("prefill") or {}, r.get("growth") or {}, r.get("speedup_vs_torch") or {}
-        span = (f"{dec[0]['median_ms']:.2f} → {dec[-1]['median_ms']:.2f} @{dec[-1]['context']} "
+        span = (f"{dec[0]['median_ms']:.2f} @{dec[0]['context']} → {dec[-1]['median_ms']:.2f} @{dec[-1]['context']} "
                 f"({_f(g.get('latency'), '.3f')}×)") if dec else "—"
         lines.append(f"| {r['name']} | {_f(r.get('decode_tok_s'))} | {span} | {_f(g.get('memory'), '.3f')}× | "
                      f"{_f(r.get('roofline_ratio'), '.0%')} | {_f(p.get('chunked_tok_s'))} | "
