@@ -34,7 +34,12 @@ QUANT_FAST: dict[tuple[str, str], tuple[str, ...]] = {
     ("tvm", "int4-g32"): ("retnet",),
 }
 # Measured quant gaps: (mixer, exporter, scheme) -> why that artifact misses its scheme's tolerance (xfail strict).
-QUANT_GAPS: dict[tuple[str, str, str], str] = {}
+QUANT_GAPS: dict[tuple[str, str, str], str] = {
+    ("mamba", "executorch", "8da4w"): "int4 weights: after 4,096 steps mamba's layers.1.ssm state is 0.619 max_rel "
+                                      "from the fp32 reference (> 0.3); logits stay within the int4 bound",
+    ("mamba", "onnx", "int4-g32"): "int4 weights (MatMulNBits): after 4,096 steps mamba's layers.1.ssm state is "
+                                   "1.02 max_rel from the fp32 reference (> 0.3); logits stay within the int4 bound",
+}
 
 
 @cache
