@@ -169,3 +169,12 @@ def test_cli_accepts_auto():
     help_text = next(a.help for a in build_parser()._subparsers._group_actions[0].choices["export"]._actions
                      if "--quant" in a.option_strings)
     assert all(s in help_text for s in (*SCHEMES.names(), "auto"))
+
+
+def test_every_target_names_a_default_scheme_each_of_its_exporters_realises():
+    from afedge.target import load_target, target_names
+    for name in target_names():
+        t = load_target(name)
+        assert t.quant in SCHEMES and t.tolerance == scheme(t.quant).tolerance, name
+        for exporter in t.exporters:
+            EXPORTERS.get(exporter)().check_quant(t.quant, t)   # raises ExportError naming the gap
