@@ -38,9 +38,10 @@ __all__ = ["TvmExporter", "HOST_TARGET", "PIPELINES", "import_program", "import_
 HOST_TARGET: dict = {"kind": "llvm"}    # the host twin: generic x86-64 (-mcpu=native is ignored by TVM 0.27)
 
 # Relax pipelines by name. "cpu-fast" is the default pipeline plus FuseTransposeMatmul and the dlight CPU
-# GEMV / Reduction schedules. Measured (retnet, 2 layers, 1 thread, this 2-core AVX2 box): d=256 step 1.50 vs
-# 2.56 ms and prefill(16) 12.5 vs 40.3 ms against "cpu-default"; but at the toy d=32 step 0.071 vs 0.027 ms, and
-# compiling takes ~4x longer (20 vs 5 s). Real models are large, so "cpu-fast" is the llvm default.
+# Reduction schedule. Measured (1 thread, this 2-core AVX2 box; step / prefill(64) ms, compile s): retnet d=256 x2
+# 0.89 / 45 / 7.5 vs "cpu-default" 2.21 / 138 / 8.5; mamba2 d=128 x4 0.40 / 22 / 4.5 vs 0.75 / 44 / 5.2. dlight's
+# CPU GEMV schedule is left out: it vectorizes 128 output lanes over a strided weight gather, which was slower
+# (retnet 1.20 ms, mamba d=256 1.50 vs 0.99 ms) and took LLVM minutes per matmul (mamba2 d=128: 1,123 s).
 PIPELINES = ("cpu-fast", "cpu-default", "gpu-default")
 
 
@@ -197,7 +198,7 @@ def _bind_late(late_params: dict):
 
 def _pipeline(target, name: str, late_params: dict | None = None):
     """The named Relax pipeline. "cpu-fast": default CPU + FuseTransposeMatmul (before legalisation) + dlight
-    GEMV/Reduction (after fusion). With `late_params`, they are bound right after the legalisation passes
+    Reduction (after fusion). With `late_params`, they are bound right after the legalisation passes
     (LegalizeOps ... FoldConstant, FuseOps, FuseTIR), so the dequantization of packed weights stays in the graph."""
     import tvm
     import tvm.s_tir.dlight as dl
@@ -220,7 +221,7 @@ def _pipeline(target, name: str, late_params: dict | None = None):
                 + backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
                 + late
-                + ([dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction())] if fast else [])
+                + ([dl.ApplyDefaultSchedule(dl.cpu.Reduction())] if fast else [])
                 + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target))
             return seq(mod)
