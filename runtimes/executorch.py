@@ -22,7 +22,7 @@ from afedge.exporting import require
 from afedge.rewrite import METHODS
 from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnavailable
 
-__all__ = ["ExecuTorchSession", "required_backends", "registered_backends", "set_threads"]
+__all__ = ["ExecuTorchSession", "check_kernel_args", "required_backends", "registered_backends", "set_threads"]
 
 EXTRA = "executorch"
 
@@ -73,6 +73,69 @@ def check_format(path) -> None:
                                  f"{'upgrade executorch to run it' if newer else 're-export it with this executorch'})")
 
 
+@functools.cache
+def _schema_arg_types(name: str, overload: str) -> tuple[str, ...] | None:
+    """The types ('Tensor', 'int[]', 'Tensor?', ...) of a registered torch operator's arguments, then one entry for
+    its return ('Tensor', or 'Tensor[]' for several: a KernelCall lists the arguments and one return value), or None
+    if this process does not know the operator (custom kernels)."""
+    import torch
+    try:
+        schemas = torch._C._jit_get_schemas_for_operator(name)
+    except RuntimeError:
+        return None
+    match = next((x for x in schemas if x.overload_name == overload), None)
+    if match is None:
+        return None
+    def spell(t) -> str:  # schema spelling: Tensor?, int[], Tensor?[]
+        if isinstance(t, torch.OptionalType):
+            return spell(t.getElementType()) + "?"
+        if isinstance(t, torch.ListType):
+            return spell(t.getElementType()) + "[]"
+        return str(t)
+    ret = [spell(r.type) for r in match.returns]
+    return tuple(spell(a.type) for a in match.arguments) + ((ret[0] if len(ret) == 1 else "Tensor[]",) if ret else ())
+
+
+def _takes(kind: str, value) -> bool:
+    """Whether an argument of schema type `kind` may hold the EValue payload `value`."""
+    from executorch.exir import schema as s
+    if isinstance(value, s.Null):
+        return kind.endswith("?")
+    tensors = (s.Tensor, s.TensorList, s.OptionalTensorList)
+    if kind.startswith("Tensor"):
+        return isinstance(value, s.Tensor) if kind.rstrip("?") == "Tensor" else isinstance(value, tensors[1:])
+    return not isinstance(value, tensors)
+
+
+def check_kernel_args(path) -> None:
+    """Refuse a .pte whose kernel calls do not match their operators' schemas (index out of range, argument count,
+    a Tensor slot given a scalar or the reverse): ExecuTorch 1.5.1 does not check this at load and aborts the
+    process when the method runs. Operators unknown to this process (custom kernels) are not checked."""
+    from executorch.exir import schema as s
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    try:
+        pte = deserialize_pte_binary(open(path, "rb").read())
+    except Exception as e:  # noqa: BLE001 - the flatbuffer reader raises many types for damaged input
+        raise ArtifactError(f"executorch: cannot read {path.name}: {type(e).__name__}: {e}") from None
+    for plan in getattr(pte, "program", pte).execution_plan:
+        calls = [i.instr_args for c in plan.chains for i in c.instructions if isinstance(i.instr_args, s.KernelCall)]
+        for n, call in enumerate(calls):
+            where = f"executorch: {path.name} method '{plan.name}' kernel call {n}"
+            if not 0 <= call.op_index < len(plan.operators) or any(not 0 <= a < len(plan.values) for a in call.args):
+                raise ArtifactError(f"{where}: operator or value index out of range")
+            op = plan.operators[call.op_index]
+            kinds = _schema_arg_types(op.name, op.overload)
+            if kinds is None:
+                continue
+            if len(kinds) != len(call.args):
+                raise ArtifactError(f"{where} ({op.name}.{op.overload}): {len(call.args)} values, its schema "
+                                    f"takes {len(kinds)} (arguments and return)")
+            for j, (kind, a) in enumerate(zip(kinds, call.args)):
+                if not _takes(kind, val := plan.values[a].val):
+                    raise ArtifactError(f"{where} ({op.name}.{op.overload}): argument {j} is "
+                                        f"{type(val).__name__}, its schema takes {kind}")
+
+
 @RUNTIMES.register("executorch")
 class ExecuTorchSession(ArtifactSession):
     runtime = "executorch"
@@ -88,6 +151,7 @@ class ExecuTorchSession(ArtifactSession):
         if not self.path.is_file():
             raise FileNotFoundError(f"executorch: {self.path} does not exist")
         check_format(self.path)
+        check_kernel_args(self.path)
         self.effective_threads = set_threads(self.threads)
         runtime = Runtime.get()
         try:  # InternalConsistency: the flatbuffer is verified before any method is read

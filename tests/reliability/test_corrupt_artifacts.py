@@ -7,8 +7,10 @@ What the fuzzing covers, per runtime (the bundle hash is what protects everythin
   tvm        truncation and ELF-header damage, caught by `check_elf` before dlopen. A library is code: damage to its
              program headers or instructions can crash the dynamic loader or run anything, so afedge only ever
              loads a .so whose sha256 matches the manifest.
-  executorch truncation, header and constant-data flips. ExecuTorch 1.5.1 does not validate a program's
-             semantics (argument types, XNNPACK payload dims): the strict xfail below reproduces one abort.
+  executorch truncation, header and constant-data flips. ExecuTorch 1.5.1 does not check a kernel call's
+             arguments against its operator (an Int where a Tensor goes aborts the process when the method runs):
+             afedge's `check_kernel_args` refuses such a program before the runtime sees it (the last test).
+             XNNPACK payloads (the delegate's own flatbuffer) are not validated by either; the hash covers them.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from tests.reliability.conftest import assert_one_line_error, cli, edit_manifest
-from tests.reliability.loader_worker import Crash, LoaderWorker
+from tests.reliability.loader_worker import LoaderWorker
 
 ARTIFACTS = {"onnx": "step.onnx", "executorch": "model.pte", "tvm": "model-x86_64.so"}
 RUNTIME = {"onnx": "onnxruntime", "executorch": "executorch", "tvm": "tvm"}
@@ -135,11 +137,9 @@ def test_damaged_file_gives_a_typed_error_never_a_crash(runtime, bundle_dir, wor
     _fuzz(runtime, bundle_dir, worker, scratch)
 
 
-@pytest.mark.xfail(strict=True, raises=Crash,
-                   reason="ExecuTorch 1.5.1 does not check a kernel argument's type at load: a program whose "
-                          "KernelCall passes an Int where a Tensor is expected aborts the process in execute "
-                          "(evalue.h:348 toTensor assert)")
 def test_semantically_corrupt_pte_gives_a_typed_error(bundle_dir, worker, scratch):
+    """A KernelCall passing an Int where its operator takes a Tensor: ExecuTorch 1.5.1 alone aborts in execute
+    (evalue.h toTensor assert); afedge refuses it at load, naming the method, the call and the operator."""
     from executorch.exir._serialize._program import deserialize_pte_binary, serialize_pte_binary
     from executorch.exir.schema import Int, KernelCall, Tensor
     pte = deserialize_pte_binary((bundle_dir / "model.pte").read_bytes())
@@ -154,3 +154,4 @@ def test_semantically_corrupt_pte_gives_a_typed_error(bundle_dir, worker, scratc
     (d / "model.pte").write_bytes(bytes(serialize_pte_binary(pte)))
     answer = worker.load("executorch", {"step": d / "model.pte", "prefill": d / "model.pte"})
     assert answer["status"] == "error" and answer["typed"], answer
+    assert "method 'step' kernel call" in answer["message"] and "its schema takes Tensor" in answer["message"]
