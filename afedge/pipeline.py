@@ -13,7 +13,7 @@ import afedge
 from afedge.bundle import Bundle, BundleError, load_bundle, staged, write_manifest
 from afedge.checkpoint import (CheckpointError, describe_nonfinite, load_checkpoint, nonfinite_tensors,
                                save_checkpoint)
-from afedge.exporting import EXPORTERS, Artifact, load_plugins
+from afedge.exporting import EXPORTERS, Artifact, ExportError, load_plugins
 from afedge.parity.compare import Report, compare
 from afedge.parity.workloads import Workload, prompt_decode
 from afedge.precision import check_fp16_range
@@ -103,7 +103,10 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
         artifacts: list[Artifact] = []
         for n in names:
             progress(f"export {n}")
-            artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
+            try:
+                artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
+            except ExportError as e:
+                raise _with_fallback(e, n, names, program, target, quant, tmp, progress) from e
         save_checkpoint(program.model, tmp / REFERENCE_DIR)
         tok.save(str(tmp / TOKENIZER))
         manifest = _manifest(program, target, quant, artifacts, source or {})
@@ -120,6 +123,24 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
             raise ParityGateError(f"parity gate failed, bundle not written to {out}: {failed} "
                                   f"(use --no-verify to write it anyway)", results)
     return load_bundle(out), results
+
+
+def _with_fallback(err: ExportError, failed: str, names: list[str], program: RecurrentProgram, target: Target,
+                   quant: str, tmp: Path, progress: Progress) -> ExportError:
+    """`err`, plus the fallback that works: the target's other exporters are tried (into a scratch folder of the
+    staged bundle, discarded with it) and the ones that export are named as a `--runtimes` list."""
+    ok = []
+    for n in (x for x in target.exporters if x != failed and x in EXPORTERS):
+        progress(f"export {n} (fallback check)")
+        try:
+            EXPORTERS.get(n)().export(program, target, quant, tmp / f".fallback-{n}")
+            ok.append(n)
+        except ExportError:
+            pass
+    rest = [n for n in names if n in ok] or ok
+    hint = (f"--runtimes {','.join(rest)} exports without {failed} (checked)" if rest else
+            f"no other exporter of target {target.name} ({', '.join(target.exporters)}) exports it either")
+    return ExportError(f"{err}; {hint}")
 
 
 def _tokenizer(src: Path | None, vocab_size: int):

@@ -119,7 +119,7 @@ class OnnxExporter(Exporter):
         except Exception as e:  # noqa: BLE001 - torch.onnx raises many types; all become one clear error
             raise ExportError(f"exporter 'onnx' (target {target.name}) cannot export method '{method}' of "
                               f"{'/'.join(dict.fromkeys(program.model.family_per_layer()))}: "
-                              f"{_describe_failure(e)} (try another exporter, or rewrite that op in the mixer)"
+                              f"{_describe_failure(e)} (rewrite that op in the mixer)"
                               ) from e
 
 
