@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import random
 import time
 import tomllib
@@ -27,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from afedge.demo.skills import SKILLS
 from afedge.model import LM, LMConfig
 
 CHECKPOINT, TRAIN_STATE, TOKENIZER = "checkpoint", "train_state.safetensors", "tokenizer.json"
@@ -44,6 +46,8 @@ class DataConfig:
     seq_len: int = 256              # tokens per row (the row starts from the initial state)
     loss: str = "replies"           # "replies": only reply tokens (demo format) | "all": every token
     tokenizer: str = "bytes"        # "bytes" (afedge.tokenizer.byte_tokenizer) or a tokenizer.json path
+    skill_weights: dict[str, float] = field(default_factory=dict)  # demo: training mix overrides (held-out keeps
+                                                                   # the generator's own weights)
 
 
 @dataclass
@@ -105,6 +109,8 @@ def load_config(path: Path) -> RunConfig:
         (cfg.data.source != "text" or bool(cfg.data.path), "[data] path is required for source = 'text'"),
         (cfg.data.loss in ("replies", "all"), "[data] loss must be 'replies' or 'all'"),
         (cfg.data.seq_len >= 2, "[data] seq_len must be >= 2"),
+        (set(cfg.data.skill_weights) <= set(SKILLS) and all(w > 0 for w in cfg.data.skill_weights.values()),
+         f"[data] skill_weights: keys must be among {sorted(SKILLS)}, weights > 0"),
         (cfg.train.steps >= 1 and cfg.train.batch_size >= 1, "[train] steps and batch_size must be >= 1"),
         (cfg.train.checkpoint_every >= 1, "[train] checkpoint_every must be >= 1"),
     ]
@@ -143,7 +149,7 @@ class Rows:
         need = self.cfg.seq_len + 1
         if self.cfg.source == "demo":
             from afedge.demo.corpus import stream_text
-            return stream_text(self.cfg.seed, index, need)
+            return stream_text(self.cfg.seed, index, need, self.cfg.skill_weights)
         rng, parts, n = random.Random(f"{self.cfg.seed}:{index}"), [], 0
         while n < need:
             parts.append(rng.choice(self.docs))
@@ -234,54 +240,61 @@ def load_training_state(ckpt: Path, opt: torch.optim.AdamW, cfg: RunConfig) -> d
 
 # -- the loop --------------------------------------------------------------------------------------------------------
 
+def _restore(cfg: RunConfig, ckpt: Path, fresh: bool, log) -> tuple[LM, torch.optim.AdamW, dict]:
+    """A new model and optimizer, or the ones in `ckpt` (with its step, wall and CPU seconds) to resume."""
+    from afedge.checkpoint import load_checkpoint
+    if fresh or not (ckpt / TRAIN_STATE).is_file():
+        model = LM(cfg.model)
+        return model, make_optimizer(model, cfg.train), {"step": 0}
+    model = load_checkpoint(ckpt)
+    if model.cfg != cfg.model:
+        raise TrainConfigError(f"{ckpt}: the checkpoint's model config differs from [model]; use --fresh")
+    opt = make_optimizer(model, cfg.train)
+    info = load_training_state(ckpt, opt, cfg)
+    log(f"resuming {ckpt} at step {info['step']}/{cfg.train.steps}")
+    return model, opt, info
+
+
 def train(cfg: RunConfig, fresh: bool = False, progress: bool = True, log=print) -> Path:
     """Train (or resume) and return the final checkpoint directory."""
     from tqdm import tqdm
-
-    from afedge.checkpoint import load_checkpoint
     torch.set_num_threads(cfg.train.threads)
+    if cfg.train.threads > 1 and "OMP_WAIT_POLICY" not in os.environ:
+        log("tip: set OMP_WAIT_POLICY=PASSIVE on a shared machine (spinning OpenMP threads made steps 10x slower "
+            "under load here)")
     out = Path(cfg.train.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = Rows(cfg.data)
     if (n := rows.tok.get_vocab_size(with_added_tokens=True)) > cfg.model.vocab_size:
         raise TrainConfigError(f"[model] vocab_size {cfg.model.vocab_size} is smaller than the tokenizer's {n} ids")
     ckpt = out / CHECKPOINT
-    model = LM(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    start, elapsed, cpu_used = 0, 0.0, 0.0
-    if (ckpt / TRAIN_STATE).is_file() and not fresh:
-        model = load_checkpoint(ckpt)
-        if model.cfg != cfg.model:
-            raise TrainConfigError(f"{ckpt}: the checkpoint's model config differs from [model]; use --fresh")
-        opt = make_optimizer(model, cfg.train)
-        info = load_training_state(ckpt, opt, cfg)
-        start, elapsed, cpu_used = info["step"], info.get("elapsed_s", 0.0), info.get("cpu_s", 0.0)
-        log(f"resuming {ckpt} at step {start}/{cfg.train.steps}")
+    model, opt, info = _restore(cfg, ckpt, fresh, log)
+    start, elapsed, cpu_used = info["step"], info.get("elapsed_s", 0.0), info.get("cpu_s", 0.0)
     model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"training {cfg.model.mixer} x{cfg.model.n_layers} d{cfg.model.d_model}: {n_params:,} parameters, "
+    log(f"training {cfg.model.mixer} x{cfg.model.n_layers} d{cfg.model.d_model}: "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters, "
         f"{cfg.train.steps} steps of {cfg.train.batch_size}x{cfg.data.seq_len} tokens")
     logf = (out / "log.jsonl").open("a", buffering=1)  # line-buffered: `tail -f` shows every step
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=not progress,
                unit="step", dynamic_ncols=True)
-    t0, c0, loss_ema = time.perf_counter(), time.process_time(), None
+    t0, c0, loss_ema, now, cpu = time.perf_counter(), time.process_time(), 0.0, elapsed, cpu_used
     for step in bar:
         ids, mask = rows.batch(step, cfg.train.batch_size)
+        lr = lr_at(step, cfg.train)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg.train)
+            g["lr"] = lr
         loss = loss_fn(model, ids, mask, cfg.train.chunk_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        loss_ema = loss.item() if step == start else 0.95 * loss_ema + 0.05 * loss.item()
         now, cpu = elapsed + time.perf_counter() - t0, cpu_used + time.process_time() - c0
         tok_s = (step + 1 - start) * ids[:, :-1].numel() / max(1e-9, time.perf_counter() - t0)
         bar.set_postfix(loss=f"{loss_ema:.3f}", tok_s=f"{tok_s:.0f}")
         logf.write(json.dumps({"step": step + 1, "loss": round(loss.item(), 5), "grad_norm": round(gnorm.item(), 4),
-                               "lr": g["lr"], "elapsed_s": round(now, 2), "cpu_s": round(cpu, 2)}) + "\n")
+                               "lr": lr, "elapsed_s": round(now, 2), "cpu_s": round(cpu, 2)}) + "\n")
         if (step + 1) % cfg.train.checkpoint_every == 0 or step + 1 == cfg.train.steps:
-            logf.flush()
             model.eval()
             save_training_checkpoint(out, model, opt, step + 1, cfg, rows.tok,
                                      {"elapsed_s": now, "cpu_s": cpu, "loss_ema": loss_ema})

@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 from afedge.checkpoint import load_checkpoint
 from afedge.mixers import MIXERS
 from afedge.model import LM, LMConfig
 
-# Until the demo chat checkpoint ships, the default is a small seeded RetNet over bytes.
-DEFAULT = LMConfig(vocab_size=256, d_model=64, n_layers=2, mixer="retnet", mixer_kwargs={"n_heads": 4}, seed=0)
+# The embedded default: the demo chat model shipped in the package (config.json, model.safetensors, tokenizer.json),
+# trained by `afedge train --config afedge/demo/train.toml` (README: "The demo chat model").
+DEFAULT = Path(str(resources.files("afedge.demo") / "model"))
 
 
 def zoo_model(family: str, d_model: int = 64, n_layers: int = 2, seed: int = 0) -> LM:
@@ -32,7 +34,9 @@ def resolve_model(spec: str | None, trust_remote_code: bool = False) -> Resolved
     """`None` -> the embedded default; `zoo:<family>` -> a seeded zoo model; a directory -> an afedge checkpoint,
     or a Hugging Face model (its config.json has a `model_type`); `owner/name[@rev]` or `hf:...` -> a hub id."""
     if spec is None or spec == "default":
-        return ResolvedModel(LM(DEFAULT), {"kind": "default", "config": DEFAULT.to_dict()})
+        model = load_checkpoint(DEFAULT)
+        return ResolvedModel(model, {"kind": "default", "path": "afedge/demo/model", "config": model.cfg.to_dict()},
+                             DEFAULT / "tokenizer.json")
     if spec.startswith("zoo:"):
         return ResolvedModel(zoo_model(spec.removeprefix("zoo:")), {"kind": "zoo", "family": spec.removeprefix("zoo:")})
     path = Path(spec)

@@ -81,3 +81,18 @@ def test_kotlin_core_notices_a_wrong_golden(core_jar, goldens, tmp_path, case):
     (golden_dir / name).write_text(json.dumps(data))
     out = run_core(core_jar, golden_dir, tmp_path / "out")
     assert out.returncode == 1 and "FAIL:" in out.stderr, out.stderr
+
+
+@pytest.mark.slow
+def test_kotlin_core_answers_like_the_demo_model(core_jar, tmp_path):
+    """The same check over the embedded demo model's own .pte (recorded on ExecuTorch), where replies are real."""
+    from afedge.zoo import resolve_model
+    target, resolved = load_target("android-arm64"), resolve_model(None)
+    bundle, _ = export_bundle(to_recurrent(resolved.model, target.chunk_size, target.prefill_len), target,
+                              tmp_path / "bundle", ["executorch"], verify=False, progress=lambda _: None,
+                              tokenizer=resolved.tokenizer)
+    golden_dir = write_goldens(bundle, open_runtime(bundle, "executorch"), tmp_path / "goldens")
+    replay = json.loads((golden_dir / "replay.json").read_text())
+    assert [t["reply"] for t in replay["turns"]][1:3] == ["nice to meet you, Alice.", "c-a-t"]
+    out = run_core(core_jar, golden_dir, tmp_path / "out")
+    assert out.returncode == 0, out.stderr

@@ -21,6 +21,16 @@ def test_same_seed_same_text_and_held_out_differs():
     assert {d.text for d in held_out(200)}.isdisjoint({d.text for d in dialogues(TRAIN_SEED, 200)})
 
 
+def test_a_training_mix_changes_the_stream_not_the_held_out_set():
+    def share(texts: list[str]) -> float:
+        return sum(len(re.findall(r"plus|minus|times|add |subtract |multiply ", t)) for t in texts) / len(texts)
+    plain = [stream_text(TRAIN_SEED, i, 2000) for i in range(40)]
+    mixed = [stream_text(TRAIN_SEED, i, 2000, {"arithmetic": 9.0}) for i in range(40)]
+    assert share(mixed) > 1.5 * share(plain)
+    assert stream_text(TRAIN_SEED, 0, 2000, {}) == plain[0]
+    assert [d.text for d in held_out(20)] == [d.text for d in dialogues(HELD_OUT_SEED, 20)]
+
+
 def test_the_chat_readme_prompt_is_in_distribution():
     questions = {t.user for d in dialogues(TRAIN_SEED, 2000) for t in d.turns}
     assert any(re.fullmatch(r"what is \d+ plus \d+\?", q) for q in questions)

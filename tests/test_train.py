@@ -108,6 +108,8 @@ def test_text_corpus_source(tmp_path):
     ("[model]\nmixer = 'nope'\n", "mixer 'nope' is not registered"),
     ("[model]\nmixer = 'retnet'\n[data]\nsource = 'text'\n", "path is required"),
     ("[model]\nmixer = 'retnet'\n[data]\nloss = 'some'\n", "loss must be"),
+    ("[model]\nmixer = 'retnet'\n[data]\nskill_weights = { poetry = 1.0 }\n", r"skill_weights: keys must be"),
+    ("[model]\nmixer = 'retnet'\n[data]\nskill_weights = { arithmetic = 0 }\n", r"weights > 0"),
     ("[data]\nseq_len = 8\n", r"missing the \[model\] table"),
     ("[model\n", "bad.toml"),
 ])

@@ -28,9 +28,11 @@ class Dialogue:
         return render([(t.user, t.reply) for t in self.turns])
 
 
-def dialogue(rng: random.Random) -> Dialogue:
-    """1-4 single-turn skills, 0-2 recall pairs (statement ... question), sometimes a greeting and a goodbye."""
-    fns, weights = zip(*SKILLS.values())
+def dialogue(rng: random.Random, skill_weights: dict[str, float] | None = None) -> Dialogue:
+    """1-4 single-turn skills, 0-2 recall pairs (statement ... question), sometimes a greeting and a goodbye.
+    `skill_weights` overrides SKILLS' weights (a training mix; the held-out set keeps the defaults)."""
+    fns = [fn for fn, _ in SKILLS.values()]
+    weights = [(skill_weights or {}).get(name, w) for name, (_, w) in SKILLS.items()]
     body = [fn(rng) for fn in rng.choices(fns, weights, k=rng.randint(1, 4))]
     for kind in rng.sample(RECALL_KINDS, rng.choice((0, 1, 1, 2))):
         setup, question = recall(rng, kind)
@@ -54,12 +56,12 @@ def held_out(n: int) -> list[Dialogue]:
     return dialogues(HELD_OUT_SEED, n)
 
 
-def stream_text(seed: int, index: int, min_chars: int) -> str:
+def stream_text(seed: int, index: int, min_chars: int, skill_weights: dict[str, float] | None = None) -> str:
     """Training row `index`: whole conversations back to back until the text has at least `min_chars`
     characters (the trainer cuts it to length, so the last one is usually truncated)."""
     rng, parts, n = random.Random(f"{seed}:{index}"), [], 0
     while n < min_chars:
-        parts.append(dialogue(rng).text)
+        parts.append(dialogue(rng, skill_weights).text)
         n += len(parts[-1])
     return "".join(parts)
 
