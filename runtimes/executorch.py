@@ -76,8 +76,8 @@ def check_format(path) -> None:
 @functools.cache
 def _schema_arg_types(name: str, overload: str) -> tuple[str, ...] | None:
     """The types ('Tensor', 'int[]', 'Tensor?', ...) of a registered torch operator's arguments, then one entry for
-    its return ('Tensor', or 'Tensor[]' for several: a KernelCall lists the arguments and one return value), or None
-    if this process does not know the operator (custom kernels)."""
+    the return value a KernelCall always appends ('Tensor', 'Tensor[]' for several, '*' for none: ExecuTorch puts
+    the out list there), or None if this process does not know the operator (custom kernels)."""
     import torch
     try:
         schemas = torch._C._jit_get_schemas_for_operator(name)
@@ -86,6 +86,7 @@ def _schema_arg_types(name: str, overload: str) -> tuple[str, ...] | None:
     match = next((x for x in schemas if x.overload_name == overload), None)
     if match is None:
         return None
+
     def spell(t) -> str:  # schema spelling: Tensor?, int[], Tensor?[]
         if isinstance(t, torch.OptionalType):
             return spell(t.getElementType()) + "?"
@@ -93,12 +94,14 @@ def _schema_arg_types(name: str, overload: str) -> tuple[str, ...] | None:
             return spell(t.getElementType()) + "[]"
         return str(t)
     ret = [spell(r.type) for r in match.returns]
-    return tuple(spell(a.type) for a in match.arguments) + ((ret[0] if len(ret) == 1 else "Tensor[]",) if ret else ())
+    return (*(spell(a.type) for a in match.arguments), ret[0] if len(ret) == 1 else "Tensor[]" if ret else "*")
 
 
 def _takes(kind: str, value) -> bool:
     """Whether an argument of schema type `kind` may hold the EValue payload `value`."""
     from executorch.exir import schema as s
+    if kind == "*":
+        return True
     if isinstance(value, s.Null):
         return kind.endswith("?")
     tensors = (s.Tensor, s.TensorList, s.OptionalTensorList)
