@@ -125,7 +125,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from afedge.parity.compare import compare
     from afedge.parity.report import write_reports
     from afedge.parity.workloads import prompt_decode, snapshot_resume, static_shapes
+    from afedge.device.devices import parse_device
+    from afedge.device.session import open_device_session
     from afedge.pipeline import open_session, reference_program
+    from afedge.quant.gate import tolerance_name
     from afedge.runtimes.torch import TorchSession
     from afedge.session import RuntimeUnavailable
     from afedge.tolerances import tolerance
@@ -135,16 +138,20 @@ def cmd_parity(args: argparse.Namespace) -> int:
     ref = TorchSession(reference_program(b), b.manifest["target"]["profile"]["threads"])
     workloads = [prompt_decode(40, args.steps), static_shapes(b.info.prefill_len), snapshot_resume()]
     rows = []
-    for art in b.artifacts:
+    devices = [parse_device(d) for d in args.device] if args.device else [None]
+    for device, art in ((d, a) for d in devices for a in b.artifacts):
         if args.runtime and args.runtime not in (art.name, art.runtime):
             continue
+        label = art.name if device is None else f"{art.name}@{device.name}"
         try:
-            sess = open_session(b, art)
+            sess = open_session(b, art) if device is None else open_device_session(b, art, device)
         except RuntimeUnavailable as e:
-            rows.append((art.name, None, str(e)))
+            rows.append((label, None, str(e)))
             continue
+        art_tol = tolerance_name(art.info, tol_name)  # the artifact's quant scheme's profile
         for w in workloads:
-            rows.append((art.name, compare(ref, sess, w, tolerance(tol_name), tol_name), ""))
+            rows.append((label, compare(ref, sess, w, tolerance(art_tol), art_tol), ""))
+        sess.close()
     src = Path(args.bundle)  # a .zip's report goes beside the archive, not into its temporary unpacking
     report = Path(args.report or src.parent / f"{src.stem if src.suffix == '.zip' else src.name}-parity.md")
     paths = write_reports(rows, report, f"afedge parity: {b.path.name} ({b.target}, {tol_name})")
@@ -204,11 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--runtime", help="only this artifact or runtime")
     s.add_argument("--tolerance", help="tolerance profile (default: the bundle's)")
     s.add_argument("--report", help="Markdown report path (JSON and PNG are written beside it)")
+    s.add_argument("--device", action="append", help="run the bundle's ARM64 artifacts on a device instead of "
+                   "here: emu:CPU (after `afedge device setup emu-arm64`), adb:SERIAL, rpc:KEY@HOST:PORT; "
+                   "repeatable; each is judged against this machine's PyTorch reference")
     s.set_defaults(fn=cmd_parity)
 
     s = sub.add_parser("targets", help="list the target profiles")
     s.set_defaults(fn=cmd_targets)
-    for mod in ("afedge.train", "afedge.demo.cli", "afedge.chat.cli"):  # train, eval, chat
+    for mod in ("afedge.train", "afedge.demo.cli", "afedge.chat.cli", "afedge.device.cli"):  # train, eval, chat, device
         __import__("importlib").import_module(mod).add_parser(sub)
     add_bench_parser(sub)
     return p

@@ -45,6 +45,8 @@ def add_parser(sub) -> None:
     s.add_argument("--out", type=Path, help="Markdown report (JSON and PNG beside it; default "
                    "<bundle>-bench.md next to the bundle)")
     s.add_argument("--timeout", type=float, help="seconds per runtime process")
+    s.add_argument("--device", help="run the artifacts on a device: emu:CPU (figures marked emulated, never "
+                   "device latency; budgets not checked) or adb:SERIAL")
     s.add_argument("--bandwidth-mib", type=int, default=512, help="buffer for the bandwidth probe (default 512)")
     s.set_defaults(fn=cmd_bench)
 
@@ -57,7 +59,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  steps=args.steps, repeats=args.repeats,
                  tbt_tokens=args.tbt_tokens, threads=args.threads, runtimes=runtimes, torch=not args.no_torch,
                  baseline=not args.no_baseline, hf=not args.no_hf, max_kv_gib=args.baseline_max_kv_gib,
-                 budgets=args.budgets, on_target=args.on_target, bandwidth_mib=args.bandwidth_mib)
+                 budgets=args.budgets, on_target=args.on_target, bandwidth_mib=args.bandwidth_mib,
+                 device=args.device)
     bundle = Path(args.bundle)
     out = args.out or bundle.absolute().parent / f"{bundle.absolute().name}-bench.md"
     partial = out.with_suffix(".partial.json")
@@ -88,7 +91,8 @@ def _summary(res: dict) -> None:
     for r in res["runtimes"]:
         p, g = r.get("prefill") or {}, r.get("growth") or {}
         f = (lambda x, fmt=".1f": "—" if x is None else format(x, fmt))
-        table.add_row(r["name"], r.get("status", "?") if not r.get("reason") else f"{r['status']}: {r['reason'][:60]}",
+        status = r.get("status", "?") + (" (emulated)" if r.get("emulated") else "")
+        table.add_row(r["name"], status if not r.get("reason") else f"{status}: {r['reason'][:60]}",
                       f(r.get("decode_tok_s")), f(r.get("roofline_ratio"), ".0%"), f(p.get("chunked_tok_s")),
                       f(p.get("token_by_token_tok_s")), f(r.get("ttft_ms")),
                       f((r.get("peak_rss_bytes") or 0) / 2**20 or None, ".0f"),

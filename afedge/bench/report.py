@@ -50,7 +50,8 @@ def markdown(res: dict) -> str:
               "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in res["runtimes"]:
         p, up = r.get("prefill") or {}, r.get("speedup_vs_torch") or {}
-        status = r.get("status", "?") + (f": {r['reason']}" if r.get("reason") else "")
+        status = r.get("status", "?") + (" (EMULATED, not device latency)" if r.get("emulated") else "") \
+            + (f": {r['reason']}" if r.get("reason") else "")
         lines.append(
             f"| {r['name']} | {status} | {_f(r.get('decode_tok_s'))} | {_f(r.get('roofline_ratio'), '.1%')} | "
             f"{_f(up.get('decode'), '.2f')}x / {_f(up.get('prefill'), '.2f')}x | {_f(p.get('chunked_tok_s'), '.1f')} | "

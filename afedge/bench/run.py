@@ -37,6 +37,7 @@ class Settings:
     budgets: Path | None = None      # a target profile TOML to take `[budgets]` from (None: the bundle's target)
     on_target: bool = False          # this machine is a device of the bundle's target
     bandwidth_mib: int = 512
+    device: str | None = None        # run the artifacts on this device (emu:CPU, adb:SERIAL): afedge.device
 
 
 def _machine() -> dict:
@@ -85,6 +86,18 @@ def _worker(spec: dict, timeout: float | None) -> dict:
         return row
 
 
+EMULATED = ("emulated: host wall clock around each call into QEMU user mode (frame round trip included); relative "
+            "figures only, never device latency")
+
+
+def _device(name: str | None):
+    from afedge.device.devices import RpcDevice, parse_device
+    device = parse_device(name) if name else None
+    if isinstance(device, RpcDevice):
+        raise ValueError(f"{name}: bench runs on emu: and adb: devices; time TVM RPC devices with TVM's own tools")
+    return device
+
+
 def _jobs(bundle: Bundle, s: Settings) -> list[tuple[dict, dict]]:
     """(row header, worker spec or {} when nothing runs) in report order: artifacts, torch, baseline, hf."""
     threads = s.threads or bundle.manifest["target"]["profile"]["threads"]
@@ -100,13 +113,25 @@ def _jobs(bundle: Bundle, s: Settings) -> list[tuple[dict, dict]]:
                              f"{', '.join(a.name for a in bundle.artifacts)}; also torch, baseline, hf)")
     ref = common | {"contexts": sorted(s.reference_contexts or s.contexts)}
     jobs = []
+    device = _device(s.device)
+    arch = device.arch if device else host_arch()
     for a in arts:
-        head = {"name": a.name, "runtime": a.runtime, "kind": "afedge", "arch": a.arch,
-                "artifact_bytes": _artifact_bytes(bundle, a.files), "threads": threads,
-                "on_device": a.arch in ("any", host_arch())}
-        if a.arch not in ("any", host_arch()):
-            jobs.append((head | {"status": "unavailable", "reason": f"built for {a.arch}; this machine is "
-                                                                     f"{host_arch()}: not measured"}, {}))
+        head = {"name": a.name if device is None else f"{a.name}@{device.name}", "runtime": a.runtime,
+                "kind": "afedge", "arch": a.arch, "artifact_bytes": _artifact_bytes(bundle, a.files),
+                "threads": threads, "on_device": a.arch in ("any", arch) and not getattr(device, "emulated", False)}
+        if device is not None:
+            head |= {"device": device.name, "emulated": device.emulated}
+            if device.emulated:
+                head["timing"] = EMULATED
+        if device is not None and a.runtime == "executorch":
+            from afedge.device.session import EXECUTORCH_GAP
+            jobs.append((head | {"status": "unavailable", "reason": EXECUTORCH_GAP}, {}))
+        elif device is not None and a.arch in ("any", arch):
+            jobs.append((head, common | {"kind": "artifact", "name": a.name, "artifact": a.name,
+                                         "device": device.name}))
+        elif a.arch not in ("any", arch):
+            jobs.append((head | {"status": "unavailable", "reason": f"built for {a.arch}; "
+                                 f"{device.name if device else 'this machine'} is {arch}: not measured"}, {}))
         else:
             jobs.append((head, common | {"kind": "artifact", "name": a.name, "artifact": a.name}))
     extra = [("torch", s.torch, "torch-eager", "PyTorch eager (reference): step, and the parallel form"),
@@ -128,13 +153,13 @@ def _derive(rows: list[dict], roof: dict) -> None:
 
     for row in rows:
         row["decode_tok_s"] = tok_s(row)
-        if row["decode_tok_s"] and row["kind"] != "baseline":
+        if row["decode_tok_s"] and row["kind"] != "baseline" and not row.get("emulated"):
             row["roofline_ratio"] = round(row["decode_tok_s"] / roof["decode_upper_bound_tok_s"], 4)
     ref = next((r for r in rows if r["kind"] == "torch-eager" and r.get("status") == "ok"), None)
     if ref is None:
         return
     for row in rows:
-        if row is ref or row.get("status") != "ok":
+        if row is ref or row.get("status") != "ok" or row.get("emulated"):  # host eager vs emulation: no ratio
             continue
         up = {}
         if row.get("decode_tok_s") and ref.get("decode_tok_s"):
@@ -179,7 +204,7 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
             partial.write_text(json.dumps({"roofline": roof, "runtimes": rows, "load": _load()}, indent=1))
     _derive(rows, roof)
     budgets, budget_file = _budgets(bundle, s)
-    on_device = bundle.target == "host" or s.on_target
+    on_device = (bundle.target == "host" or s.on_target) and not getattr(_device(s.device), "emulated", False)
     afedge_rows = [r for r in rows if r["kind"] == "afedge"]
     verdicts = check(afedge_rows, budgets, on_device, bundle.target)
     m = bundle.manifest

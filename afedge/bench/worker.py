@@ -35,10 +35,17 @@ def run_artifact(spec: dict, progress) -> dict:
     bundle = load_bundle(Path(spec["bundle"]))
     art = bundle.artifact(spec["artifact"])
     t = time.perf_counter()
-    sess = open_session(bundle, art, spec["threads"])
+    if spec.get("device"):
+        from afedge.device.devices import parse_device
+        from afedge.device.session import open_device_session
+        sess = open_device_session(bundle, art, parse_device(spec["device"]), spec["threads"])
+    else:
+        sess = open_session(bundle, art, spec["threads"])
     row = {"load_s": round(time.perf_counter() - t, 3), "rss_after_load_bytes": rss_bytes()}
-    row["session"] = {k: v for k, v in sess.__dict__.items() if k in ("providers", "effective_threads")}
+    row["session"] = {k: v for k, v in sess.__dict__.items() if k in ("providers", "effective_threads", "opened")}
     row |= _session_row(sess, spec, progress)
+    if spec.get("device"):  # the memory that counts is the device process's, not this host process's
+        row["host_peak_rss_bytes"], row["peak_rss_bytes"] = row["peak_rss_bytes"], sess.peak_rss_bytes()
     sess.close()
     return row
 
