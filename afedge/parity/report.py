@@ -11,15 +11,17 @@ def write_reports(rows: list[tuple[str, Report | None, str]], md_path: Path, tit
     """rows: (artifact name, report or None if it could not run, reason). Writes FILE.md, FILE.json, FILE.png."""
     md_path = Path(md_path)
     json_path, png_path = md_path.with_suffix(".json"), md_path.with_suffix(".png")
-    lines = [f"# {title}", "", "| artifact | workload | verdict | max rel | max abs | SQNR dB | cosine | top-1 | "
-             "greedy | worst state rel |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# {title}", "", "SQNR: over all the workload's logits (gated); worst position: the lowest single "
+             "position (reported).", "", "| artifact | workload | verdict | max rel | max abs | SQNR dB | "
+             "worst-position SQNR dB | cosine | top-1 | greedy | worst state rel |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, rep, reason in rows:
         if rep is None:
-            lines.append(f"| {name} | — | not run here: {reason} | | | | | | | |")
+            lines.append(f"| {name} | — | not run here: {reason} | | | | | | | | |")
             continue
         verdict = "pass" if rep.passed else f"**FAIL**: {rep.failure}"
         lines.append(f"| {name} | {rep.workload} | {verdict} | {rep.max_rel:.2e} | {rep.max_abs:.2e} | "
-                     f"{rep.sqnr_db:.1f} | {rep.cosine:.6f} | {rep.top1:.3f} | {rep.greedy:.3f} | "
+                     f"{rep.sqnr_db:.1f} | {rep.sqnr_worst_db:.1f} | {rep.cosine:.6f} | {rep.top1:.3f} | {rep.greedy:.3f} | "
                      f"{max(rep.state_rel.values(), default=0.0):.2e} |")
     md_path.write_text("\n".join(lines) + "\n")
     json_path.write_text(json.dumps([{"artifact": n, "reason": r, "report": rep.to_json() if rep else None}
