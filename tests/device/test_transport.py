@@ -163,3 +163,12 @@ def test_refused_download_names_the_url_and_leaves_nothing(tmp_path, monkeypatch
     with pytest.raises(SetupError, match=r"downloading http://127.0.0.1:9/debian/dists/trixie/InRelease failed"):
         setup_emu_arm64(tmp_path / "emu", progress=lambda m: None)
     assert [p.name for p in (tmp_path / "emu").iterdir()] == []
+
+
+def test_device_list_names_every_emulated_cpu_and_how_to_build_them(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("AFEDGE_CACHE", str(tmp_path))
+    monkeypatch.setenv("COLUMNS", "200")
+    assert main(["device", "list"]) == 0
+    out = capsys.readouterr().out
+    assert all(f"emu:{c}" in out for c in ("cortex-a53", "neoverse-n1", "neoverse-v1", "neoverse-n2", "max"))
+    assert "afedge device setup emu-arm64" in out and "rpc:KEY@HOST:PORT" in out
