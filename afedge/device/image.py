@@ -33,9 +33,9 @@ Progress = Callable[[str], None]
 
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 QEMU_SUITE, ROOTFS_SUITE, GUEST_PYTHON = "trixie", "bookworm", "3.11"
-# What the device-side worker (and TVM's RPC server) imports; each at the version installed on the host.
-GUEST_DISTS = ("numpy", "onnxruntime", "apache-tvm", "apache-tvm-ffi", "ml_dtypes", "typing_extensions",
-               "cloudpickle", "psutil")
+# What the device-side worker (and TVM's RPC server, run in-process: no pickling popen worker) imports; each at the
+# version installed on the host.
+GUEST_DISTS = ("numpy", "onnxruntime", "apache-tvm", "apache-tvm-ffi", "ml_dtypes", "typing_extensions")
 WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_24_aarch64",
                    "manylinux2014_aarch64", "manylinux_2_17_aarch64")
 
