@@ -14,15 +14,15 @@ from afedge.bundle import Bundle, BundleError, load_bundle, staged, write_manife
 from afedge.checkpoint import (CheckpointError, describe_nonfinite, load_checkpoint, nonfinite_tensors,
                                save_checkpoint)
 from afedge.exporting import EXPORTERS, Artifact, ExportError, load_plugins
-from afedge.parity.compare import Report, compare
-from afedge.parity.workloads import Workload, prompt_decode
+from afedge.parity.compare import Report
+from afedge.parity.noise import judge
+from afedge.parity.workloads import GATE_STEPS, Workload, prompt_decode
 from afedge.precision import check_fp16_range
 from afedge.quant.gate import quant_summary, tolerance_name
 from afedge.rewrite import RecurrentProgram, to_recurrent
 from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
 from afedge.target import Target
 from afedge.tokenizer import byte_tokenizer, load_tokenizer
-from afedge.tolerances import tolerance
 
 REFERENCE_DIR, TOKENIZER = "reference", "tokenizer.json"
 Progress = Callable[[str], None]
@@ -69,7 +69,7 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
     scheme's tolerance profile (`tol_name` for artifacts that record none)."""
     from afedge.runtimes.torch import TorchSession
     ref = TorchSession(reference_program(bundle), bundle.manifest["target"]["profile"]["threads"])
-    results = []
+    results, floors = [], {}
     for art in bundle.artifacts:
         progress(f"parity {art.name}")
         try:
@@ -78,14 +78,14 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
             results.append(GateResult(art.name, "unavailable", None, str(e)))
             continue
         art_tol = tolerance_name(art.info, tol_name)  # the artifact's quant scheme's profile
-        rep = compare(ref, sess, workload, tolerance(art_tol), art_tol)
+        rep = judge(ref, sess, workload, art_tol, floors)
         sess.close()
         results.append(GateResult(art.name, "pass" if rep.passed else "fail", rep, rep.failure))
     return results
 
 
 def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporters: list[str] | None = None,
-                  quant: str | None = None, verify: bool = True, steps: int = 256, source: dict | None = None,
+                  quant: str | None = None, verify: bool = True, steps: int = GATE_STEPS, source: dict | None = None,
                   progress: Progress = print, tokenizer: Path | None = None,
                   allow_nonfinite: bool = False) -> tuple[Bundle, list[GateResult]]:
     """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate.
@@ -113,9 +113,9 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
         write_manifest(tmp, manifest)
         results: list[GateResult] = []
         if verify:
-            results = run_gate(load_bundle(tmp), prompt_decode(40, steps), target.tolerance, progress)
+            results = run_gate(load_bundle(tmp), prompt_decode(steps=steps), target.tolerance, progress)
         verdict = _verdict(results, verify)
-        write_manifest(tmp, manifest | {"parity": {"verdict": verdict, "workload": prompt_decode(40, steps).id,
+        write_manifest(tmp, manifest | {"parity": {"verdict": verdict, "workload": prompt_decode(steps=steps).id,
                                                    "tolerance": target.tolerance,
                                                    "artifacts": {r.artifact: r.to_json() for r in results}}})
         if verdict == "fail":

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -9,6 +10,9 @@ from afedge.parity import metrics
 from afedge.parity.workloads import Workload
 from afedge.session import Session
 from afedge.tolerances import Tolerance
+
+if TYPE_CHECKING:
+    from afedge.parity.noise import NoiseFloor
 
 
 @dataclass
@@ -28,6 +32,9 @@ class Report:
     state_rel_per_layer: dict[int, float]
     per_step_rel: list[float]    # logits max_rel per position (prefill first, then each step)
     failure: str = ""            # names the metric and the step where it diverged
+    max_rel_bound: float = 0.0   # the logits bound judged against: the profile's, or widened to the noise floor
+    noise_floor: float | None = None  # the reference's own fp32-vs-fp64 logits error on this workload, if measured
+    ties: int = 0                # argmax flips counted as agreeing: the reference's two logits within the bound
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
@@ -38,32 +45,43 @@ def _first_breach(rels: list[float], bound: float) -> int | None:
     return next((i for i, r in enumerate(rels) if not r <= bound), None)
 
 
-def compare(ref: Session, sess: Session, workload: Workload, tol: Tolerance, tol_name: str = "") -> Report:
-    """Drive both sessions through `workload` and measure `sess` against `ref` (the reference never changes)."""
+def compare(ref: Session, sess: Session, workload: Workload, tol: Tolerance, tol_name: str = "",
+            floor: NoiseFloor | None = None) -> Report:
+    """Drive both sessions through `workload` and measure `sess` against `ref` (the reference never changes).
+
+    floor: the reference's fp32 noise floor on this workload; `tol`'s fp32-scale bounds are widened to it, and an
+    argmax flip between two tokens whose reference logits are within the (widened) logits bound is a tie."""
+    tol = floor.widen(tol) if floor is not None else tol
     prompt = workload.prompt(ref.info.vocab_size, ref.info.batch)
     r_logits, r_state = ref.prefill(prompt, ref.init_state())
     s_logits, s_state = sess.prefill(prompt, sess.init_state())
-    pairs, greedy_same = [(s_logits, r_logits)], []
+    pairs = [(s_logits, r_logits)]
     for _ in range(workload.steps):
         tok = r_logits.argmax(-1).astype(np.int64)
-        greedy_same.append(bool(np.all(s_logits.argmax(-1) == tok)))
         r_logits, r_state = ref.step(tok, r_state)
         s_logits, s_state = sess.step(tok, s_state)
         pairs.append((s_logits, r_logits))
+    s_all, r_all = np.concatenate([s for s, _ in pairs]), np.concatenate([r for _, r in pairs])
+    # with a measured noise floor, an argmax flip between two tokens the reference puts within the logits bound of
+    # each other is a tie at fp32's noise level, not a disagreement
+    tie_abs = tol.max_rel * float(np.max(np.abs(r_all))) if floor is not None else 0.0
+    greedy_same = [bool(np.all(metrics.argmax_agrees(s, r, tie_abs))) for s, r in pairs[:-1]]
     notes = _resume_check(sess, ref, workload, prompt) if workload.snapshot_at is not None else []
     rels = [metrics.max_rel(s, r) for s, r in pairs]
     state_rel = {slot.name: metrics.max_rel(s, r) for slot, s, r in zip(sess.info.spec.slots, s_state, r_state)}
     per_layer: dict[int, float] = {}
     for slot in sess.info.spec.slots:
         per_layer[slot.layer] = max(per_layer.get(slot.layer, 0.0), state_rel[slot.name])
-    s_all, r_all = np.concatenate([s for s, _ in pairs]), np.concatenate([r for _, r in pairs])
     rep = Report(
         runtime=sess.runtime, workload=workload.id, tolerance=tol_name, passed=True,
         max_abs=metrics.max_abs(s_all, r_all), max_rel=max(rels),
         sqnr_db=metrics.sqnr_db(s_all, r_all), sqnr_worst_db=min(metrics.sqnr_db(s, r) for s, r in pairs),
         cosine=min(metrics.cosine(s, r) for s, r in pairs),
-        top1=metrics.top1_agreement(s_all, r_all), greedy=float(np.mean(greedy_same)) if greedy_same else 1.0,
+        top1=metrics.top1_agreement(s_all, r_all, tie_abs),
+        greedy=float(np.mean(greedy_same)) if greedy_same else 1.0,
         state_rel=state_rel, state_rel_per_layer=per_layer, per_step_rel=rels, notes=notes,
+        max_rel_bound=tol.max_rel, noise_floor=floor.logits_rel if floor is not None else None,
+        ties=int(np.sum(metrics.argmax_agrees(s_all, r_all, tie_abs) & (s_all.argmax(-1) != r_all.argmax(-1)))),
     )
     rep.failure = _verdict(rep, tol, rels, greedy_same) or "; ".join(notes)
     rep.passed = not rep.failure

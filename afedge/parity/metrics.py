@@ -37,7 +37,15 @@ def cosine(x, ref) -> float:
     return float(a @ r) / den if den else 1.0
 
 
-def top1_agreement(x, ref) -> float:
-    """Fraction of rows (last axis = vocab) whose argmax agrees."""
+def argmax_agrees(x, ref, tie_abs: float = 0.0) -> np.ndarray:
+    """Per row (last axis = vocab): the argmaxes agree, or the reference's logits of the two tokens are within
+    `tie_abs` of each other (a tie at that noise level; 0 = exact agreement only)."""
     a, r = _np(x), _np(ref)
-    return float(np.mean(a.argmax(-1) == r.argmax(-1)))
+    ia, ir = a.argmax(-1)[..., None], r.argmax(-1)[..., None]
+    margin = np.take_along_axis(r, ir, -1) - np.take_along_axis(r, ia, -1)
+    return (ia == ir)[..., 0] | (margin[..., 0] <= tie_abs)
+
+
+def top1_agreement(x, ref, tie_abs: float = 0.0) -> float:
+    """Fraction of rows (last axis = vocab) whose argmax agrees (`argmax_agrees`)."""
+    return float(np.mean(argmax_agrees(x, ref, tie_abs)))

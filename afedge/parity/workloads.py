@@ -25,7 +25,11 @@ class Workload:
         return f"{self.name}-P{self.prompt_len}-N{self.steps}"
 
 
-def prompt_decode(prompt_len: int = 40, steps: int = 256) -> Workload:
+# What `afedge export` gates every artifact on (and `--quant auto` validates its plan on).
+GATE_PROMPT_LEN, GATE_STEPS = 40, 256
+
+
+def prompt_decode(prompt_len: int = GATE_PROMPT_LEN, steps: int = GATE_STEPS) -> Workload:
     """A prompt that is not a multiple of the prefill block (whole blocks + steps), then a decode."""
     return Workload("prompt-decode", prompt_len, steps)
 

@@ -10,7 +10,6 @@ afedge.parity.compare, teacher-forced on the reference's tokens. A step computed
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,10 +17,11 @@ import torch
 from torch import nn
 
 from afedge.parity.compare import compare
+from afedge.parity.noise import Fp64Reference
 from afedge.parity.workloads import long_horizon
 from afedge.rewrite import RecurrentProgram
+from afedge.runtimes.torch import TorchSession
 from afedge.session import ProgramInfo, Session
-from afedge.state import StateSpec
 from afedge.tolerances import tolerance
 from tests.reliability.conftest import tiny_program
 
@@ -29,27 +29,27 @@ pytestmark = pytest.mark.slow
 
 
 class CastSession(Session):
-    """The program's graphs computed in `dtype`. State crosses the boundary as fp32 (the contract), except for the
-    fp64 reference, whose state stays fp64 so that it does not round between steps."""
+    """The program's graphs computed in `dtype` (fp32 or fp16); state crosses the boundary as fp32 (the contract).
+    The fp64 reference is afedge.parity.noise.Fp64Reference (state kept fp64, so it does not round between steps)."""
 
     runtime = "torch-cast"
 
     def __init__(self, program: RecurrentProgram, dtype: torch.dtype) -> None:
-        info = ProgramInfo.of(program)
-        if dtype == torch.float64:
-            info = replace(info, spec=StateSpec(tuple(replace(s, dtype="float64") for s in info.spec.slots)))
-        super().__init__(info, threads=1)
+        super().__init__(ProgramInfo.of(program), threads=1)
         model = copy.deepcopy(program.model).to(dtype)
         cast = RecurrentProgram(model, program.chunk_size, program.prefill_len, program.batch)
         self.dtype, self._graphs = dtype, {m: cast.graph(m) for m in ("step", "prefill")}
-        self.state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
 
     @torch.no_grad()
     def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         torch.set_num_threads(self.threads)  # one thread: a d=16 step is ~50x slower with 2 on a busy machine
         tokens, *state = (torch.from_numpy(np.ascontiguousarray(a)) for a in inputs)
         logits, *state = self._graphs[method](tokens, *(s.to(self.dtype) for s in state))
-        return [logits.float().numpy(), *(s.to(self.state_dtype).numpy() for s in state)]
+        return [logits.float().numpy(), *(s.float().numpy() for s in state)]
+
+
+def fp64_reference(program: RecurrentProgram) -> Fp64Reference:
+    return Fp64Reference(TorchSession(program))
 
 
 def _to_fp16(_module, _inputs, output):
@@ -83,7 +83,7 @@ def int8_weights(program: RecurrentProgram) -> RecurrentProgram:
 @pytest.mark.parametrize("scheme", ["fp16", "int8"])
 def test_65k_step_drift_is_bounded(scheme):
     program = tiny_program()
-    ref = CastSession(program, torch.float64)
+    ref = fp64_reference(program)
     sess = CastSession(fp16_compute(program) if scheme == "fp16" else int8_weights(program), torch.float32)
     rep = compare(ref, sess, long_horizon(65_536), tolerance(scheme), scheme)
     assert rep.passed, rep.failure
@@ -95,7 +95,7 @@ def test_all_fp16_state_is_caught():
     while the logits stay within; the Core ML delegate's compute_precision=float16 does this to the state unless
     the exporter keeps the state ops fp32, so the drift check must see it."""
     program = tiny_program()
-    rep = compare(CastSession(program, torch.float64), CastSession(program, torch.float16), long_horizon(65_536),
+    rep = compare(fp64_reference(program), CastSession(program, torch.float16), long_horizon(65_536),
                   tolerance("fp16"), "fp16")
     assert not rep.passed
     assert rep.failure.startswith("torch-cast: state '") and "after decode step" in rep.failure, rep.failure
@@ -106,7 +106,7 @@ def test_unstable_recurrence_is_caught():
     program = tiny_program()
     with torch.no_grad():
         program.model.blocks[0].mixer.log_gamma.fill_(0.05)
-    rep = compare(CastSession(program, torch.float64), CastSession(program, torch.float16), long_horizon(4096),
+    rep = compare(fp64_reference(program), CastSession(program, torch.float16), long_horizon(4096),
                   tolerance("fp16"), "fp16")
     assert not rep.passed
     assert "step" in rep.failure
