@@ -3,8 +3,9 @@
 For each candidate (most compressing first, among the exporter's `quant_schemes`): take the sensitivity report
 and promote the most sensitive layers (to the scheme's 8-bit sibling under a 4-bit scheme, to fp32 under an
 8-bit one) until the predicted whole-model SQNR clears the scheme's tolerance by `AUTO_MARGIN_DB`; then simulate
-the whole plan. The first candidate whose SQNR and top-1 clear the bounds (and which still quantizes something)
-wins, and the plan records the report. Nothing qualifying -> fp32.
+the whole plan on the export gate's own workload (`gate_error`). The first candidate whose SQNR and top-1 clear the
+bounds there (and which still quantizes something) wins, and the plan records the report. Nothing qualifying ->
+fp32.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import replace
 from afedge.model import LM
 from afedge.quant.policy import QuantPlan, QuantPolicy, plan_quant
 from afedge.quant.schemes import scheme as get_scheme
-from afedge.quant.sensitivity import predicted_sqnr_db, sensitivity_report, simulated_error
+from afedge.quant.sensitivity import gate_error, predicted_sqnr_db, sensitivity_report
 from afedge.tolerances import AUTO_MARGIN_DB, tolerance
 
 __all__ = ["AUTO_ORDER", "auto_plan"]
@@ -35,7 +36,7 @@ def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPo
         else:
             chosen = replace(policy, keep_fp32=(*policy.keep_fp32, *keep))
         plan = plan_quant(model, scheme, chosen)
-        sqnr, top1 = simulated_error(model, plan) if plan.quantized else (float("inf"), 1.0)
+        sqnr, top1 = gate_error(model, plan) if plan.quantized else (float("inf"), 1.0)
         ok = bool(plan.quantized) and sqnr >= tol.sqnr_db + AUTO_MARGIN_DB and top1 >= tol.top1
         tried.append({"scheme": scheme, "promoted": keep, "simulated_sqnr_db": round(sqnr, 2),
                       "simulated_top1": round(top1, 4), "chosen": ok})

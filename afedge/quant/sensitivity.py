@@ -3,7 +3,8 @@
 `sensitivity_report(model, scheme)` simulates the scheme (afedge.quant.simulate) on each quantizable layer in
 turn, over a seeded calibration prompt, against the fp32 logits. Low SQNR = sensitive. Layer noises add up
 (roughly independent), so the whole model's SQNR is predicted as -10 log10(sum 10^(-SQNR_i / 10)); `auto` uses
-that to decide which layers to keep fp32.
+that to decide which layers to keep fp32, then validates the whole plan with `gate_error` on the export gate's own
+workload (the gate's prompt, then the fp32 model's greedy continuation, teacher-forced as the gate does).
 """
 from __future__ import annotations
 
@@ -15,13 +16,16 @@ import torch
 
 from afedge.model import LM
 from afedge.parity import metrics
+from afedge.parity.workloads import Workload, prompt_decode
 from afedge.quant.calibration import calibration_tokens
 from afedge.quant.policy import QuantPlan, QuantPolicy, plan_quant
 from afedge.quant.simulate import logits_of, simulated
 
-__all__ = ["LayerSensitivity", "sensitivity_report", "predicted_sqnr_db", "simulated_error", "PROMPT_LEN"]
+__all__ = ["LayerSensitivity", "sensitivity_report", "predicted_sqnr_db", "simulated_error", "gate_error",
+           "gate_logits", "PROMPT_LEN", "GATE_WORKLOAD"]
 
 PROMPT_LEN = 64
+GATE_WORKLOAD = prompt_decode()   # the export gate's workload (afedge.pipeline.export_bundle)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,36 @@ def simulated_error(model: LM, plan: QuantPlan, length: int = PROMPT_LEN) -> tup
     tokens = _tokens(model, length)
     ref = logits_of(model, tokens)
     got = logits_of(simulated(model, plan, plan.quantized, tokens), tokens)
+    return metrics.sqnr_db(got, ref), metrics.top1_agreement(got, ref)
+
+
+@torch.no_grad()
+def gate_tokens(model: LM, workload: Workload = GATE_WORKLOAD) -> torch.Tensor:
+    """(1, prompt_len + steps): the workload's prompt, then the fp32 model's greedy tokens, one step at a time."""
+    tokens = torch.from_numpy(workload.prompt(model.cfg.vocab_size))
+    logits, state = model(tokens)
+    out, nxt = [tokens], logits[:, -1].argmax(-1)
+    for i in range(workload.steps):
+        out.append(nxt[:, None])
+        if i + 1 < workload.steps:
+            logits, state = model.step(nxt, state)
+            nxt = logits.argmax(-1)
+    return torch.cat(out, 1)
+
+
+@torch.no_grad()
+def gate_logits(model: LM, plan: QuantPlan, workload: Workload = GATE_WORKLOAD) -> tuple[torch.Tensor, torch.Tensor]:
+    """(simulated, fp32) logits (1, steps + 1, V) at the positions the export gate scores (the prompt's last, then
+    every decode step), teacher-forced on the fp32 model's greedy tokens as the gate is."""
+    tokens = gate_tokens(model, workload)
+    scored = slice(workload.prompt_len - 1, None)
+    ref = logits_of(model, tokens)[:, scored]
+    return logits_of(simulated(model, plan, plan.quantized, tokens), tokens)[:, scored], ref
+
+
+def gate_error(model: LM, plan: QuantPlan, workload: Workload = GATE_WORKLOAD) -> tuple[float, float]:
+    """(SQNR dB, top-1) of the simulated plan on the export gate's workload (`gate_logits`)."""
+    got, ref = gate_logits(model, plan, workload)
     return metrics.sqnr_db(got, ref), metrics.top1_agreement(got, ref)
 
 
