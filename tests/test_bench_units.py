@@ -1,16 +1,21 @@
-"""Units of `afedge bench`: budget validation and checking, the roofline's byte count, the KV-cache baseline."""
+"""Units of `afedge bench`: budget validation and checking, the roofline's byte count, the KV-cache baseline, the
+interleaved decode rounds."""
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from afedge.bench import measure
 from afedge.bench.baseline import KVCacheTransformer, baseline_for, matched_mlp_hidden
 from afedge.bench.budgets import BUDGET_KEYS, check
 from afedge.bench.roofline import weight_bytes_per_token
 from afedge.model import LM, LMConfig
+from afedge.session import ProgramInfo, Session
+from afedge.state import StateSlot, StateSpec
 from afedge.target import TargetError, load_target, load_target_file, target_names
 from afedge.tolerances import tolerance
 
@@ -88,3 +93,33 @@ def test_the_baseline_matches_the_parameter_count():
     base = baseline_for(cfg.to_dict(), n)
     assert abs(sum(p.numel() for p in base.parameters()) - n) <= cfg.n_layers * (2 * 64 + 1)  # h rounds
     assert matched_mlp_hidden(4 * 64 * 64, 64) == 0  # attention alone already has the budget: no MLP
+
+
+class _ContextClock(Session):
+    """A fake session whose step takes 1 ms of fake time, plus 9 ms while the machine is 'busy': the first 40 steps
+    ever timed. Its state carries the context it was reached at, so the test can see which context each step ran."""
+
+    runtime = "fake"
+
+    def __init__(self) -> None:
+        super().__init__(ProgramInfo(StateSpec((StateSlot("n", (1,)),)), vocab_size=8, prefill_len=4))
+        self.now, self.timed = 0.0, 0
+
+    def _run(self, method, inputs):
+        tokens, (n,) = inputs[0], inputs[1:]
+        if method == "step":
+            self.timed += 1
+            self.now += 1e-3 + (9e-3 if self.timed <= 40 else 0.0)
+        return [np.zeros((1, 8), np.float32), n + tokens.shape[-1] if method == "prefill" else n + 1]
+
+
+def test_decode_rounds_spread_a_slow_spell_over_every_context(monkeypatch):
+    """A slow spell at the start must not make the first context look slower than the last (it would, measured
+    one context after the other: context 4 would get 16 slow steps of 16)."""
+    sess = _ContextClock()
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: sess.now)
+    rows = measure.decode_vs_context(sess, 8, [4, 8, 16, 32], steps=16, progress=lambda m: None)
+    assert [r["n"] for r in rows] == [16] * 4
+    medians = [r["median_ms"] for r in rows]
+    assert max(medians) / min(medians) <= 1.05, medians
+    assert measure.growth(rows)["latency"] == 1.0
