@@ -117,13 +117,23 @@ class LM(nn.Module):
     def forward(self, tokens: Tensor, state: State | None = None,
                 chunk_size: int | None = None) -> tuple[Tensor, State]:
         """tokens: (B, T) int64 -> logits (B, T, V), new flat state."""
+        x, new = self.hidden(tokens, state, chunk_size)
+        return self.logits(x), new
+
+    def hidden(self, tokens: Tensor, state: State | None = None,
+               chunk_size: int | None = None) -> tuple[Tensor, State]:
+        """tokens: (B, T) int64 -> the last block's output (B, T, D), new flat state (no final norm, no head)."""
         state = self.init_state(tokens.shape[0]) if state is None else state
         x, new = self.embed_norm(self.embed(tokens)), []
         for i, (block, s) in enumerate(zip(self.blocks, self._split(state))):
             x, s = block(x, s, chunk_size)
             x = self._rescale(i, x)
             new.extend(s)
-        return self.head(self.norm(x)), tuple(new)
+        return x, tuple(new)
+
+    def logits(self, x: Tensor) -> Tensor:
+        """(..., D) block outputs -> (..., V): final norm, then the LM head."""
+        return self.head(self.norm(x))
 
     def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:
         """token: (B,) int64 -> logits (B, V), new flat state."""
@@ -132,14 +142,14 @@ class LM(nn.Module):
             x, s = block.step(x, s)
             x = self._rescale(i, x)
             new.extend(s)
-        return self.head(self.norm(x)), tuple(new)
+        return self.logits(x), tuple(new)
 
     def naive_logits(self, tokens: Tensor) -> Tensor:
         """Logits from every mixer's naive reference (no state). tokens: (B, T) -> (B, T, V)."""
         x = self.embed_norm(self.embed(tokens))
         for i, block in enumerate(self.blocks):
             x = self._rescale(i, block._mlp(x + block.mixer.naive(block.norm1(x))))
-        return self.head(self.norm(x))
+        return self.logits(x)
 
     def family_per_layer(self) -> list[str]:
         return [b.mixer.family for b in self.blocks]
