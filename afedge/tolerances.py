@@ -51,9 +51,10 @@ AUTO_MARGIN_DB = 6.0
 
 # An fp32 runtime vs the fp32 reference, whose own distance from its fp64 copy on the same workload is the noise
 # floor (afedge.parity.noise): logits / state bounds become this multiple of the floor where that is looser, the
-# SQNR bound 20 log10 of it lower. Measured at the mamba-130m shape (24 layers, random weights, floor 5.7e-4 to
-# 7.4e-4 over the three parity workloads): ONNX Runtime 1.0-1.3x, TVM 1.8-2.6x the floor; a wrong lowering is O(1).
-FP32_NOISE_FACTOR = 4.0
+# SQNR bound 20 log10 of it lower. Measured at the mamba-130m shape (24 layers, random weights; floor 5.7e-4 to
+# 7.4e-4 on the logits over the three parity workloads, 2.7e-4 on the state): ONNX Runtime 1.0-1.3x, TVM 1.8-2.6x,
+# ExecuTorch's state 4.1x (a bound of 4x refused it); a wrong lowering is O(1) off.
+FP32_NOISE_FACTOR = 8.0
 
 # Long-horizon drift: fp32 `step` vs fp64 `step`, relative error bound after N steps.
 DRIFT_MAX_REL = 1e-3
