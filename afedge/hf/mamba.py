@@ -28,8 +28,11 @@ class MambaImporter(Importer):
     rules = LAYOUT
 
     def mixer_kwargs(self, cfg: Any) -> dict:
+        """The checkpoint's shape, and the sequential in-chunk scan: at published sizes (d_inner >= 1536) its prefill
+        is 4x the segment-sum form's under ONNX Runtime (benchmarks/prefill_sweep.py; same math, same weights)."""
         return {"d_state": cfg.state_size, "d_conv": cfg.conv_kernel, "expand": whole(cfg, "expand"),
-                "dt_rank": int(cfg.time_step_rank), "conv_bias": bool(cfg.use_conv_bias), "bias": bool(cfg.use_bias)}
+                "dt_rank": int(cfg.time_step_rank), "conv_bias": bool(cfg.use_conv_bias), "bias": bool(cfg.use_bias),
+                "scan": "sequential"}
 
     def lm_config(self, cfg: Any) -> LMConfig:
         require(cfg, cfg.hidden_act == "silu", "hidden_act", "the afedge mamba mixer uses silu")
