@@ -241,3 +241,11 @@ def test_cli_exports_a_hugging_face_directory(hf_dirs, tmp_path):
     assert manifest["parity"]["verdict"] == "pass"
     assert manifest["model"]["source"]["kind"] == "huggingface"
     assert manifest["model"]["source"]["model_type"] == "mamba"
+    # `afedge bench` runs transformers' own generate on the source checkpoint beside the artifacts
+    md = tmp_path / "bench.md"
+    assert main(["bench", str(out), "--runtime", "onnx,hf", "--contexts", "16,32", "--prompt-len", "32",
+                 "--steps", "4", "--repeats", "1", "--out", str(md)]) == 0
+    rows = {r["name"]: r for r in json.loads(md.with_suffix(".json").read_text())["runtimes"]}
+    assert rows["hf"]["status"] == "ok", rows["hf"]
+    assert rows["hf"]["decode_tok_s"] > 0 and rows["hf"]["prefill"]["chunked_tok_s"] > 0
+    assert rows["onnx"]["status"] == "ok" and rows["onnx"]["decode_tok_s"] > 0

@@ -94,8 +94,9 @@ def run_baseline(spec: dict, progress) -> dict:
 
 def hf_source(manifest: dict) -> dict | None:
     """The manifest's model source when the model was imported from Hugging Face, else None."""
+    from afedge.hf.loader import SOURCE_KIND
     source = manifest.get("model", {}).get("source") or {}
-    return source if source.get("kind") == "hf" else None
+    return source if source.get("kind") == SOURCE_KIND else None
 
 
 def run_hf(spec: dict, progress) -> dict:

@@ -27,6 +27,8 @@ PROBE_TOKENS = 8          # length of the import check against transformers' for
 WEIGHTS = (("model.safetensors.index.json", True), ("model.safetensors", True),
            ("pytorch_model.bin.index.json", False), ("pytorch_model.bin", False))
 
+SOURCE_KIND = "huggingface"   # manifest.model.source.kind of an imported checkpoint
+
 
 def is_hf_directory(path: Path) -> bool:
     """A directory whose config.json names a Hugging Face `model_type` (afedge checkpoints have none)."""
@@ -183,6 +185,6 @@ def _check(model: LM, hf_model: Any, path: Path) -> dict:
 
 def _record(src: Source, raw: dict, arch: str | None, task: str, files: list[Path]) -> dict:
     from importlib.metadata import version
-    return {"kind": "huggingface", "id": src.hub_id, "revision": src.revision, "path": str(src.path),
+    return {"kind": SOURCE_KIND, "id": src.hub_id, "revision": src.revision, "path": str(src.path),
             "model_type": raw["model_type"], "architecture": arch, "task": task,
             "transformers": version("transformers"), "files": file_records(src.path, files)}
