@@ -122,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_parity(args: argparse.Namespace) -> int:
     from afedge.bundle import open_bundle
-    from afedge.parity.noise import judge
+    from afedge.parity.noise import Judge
     from afedge.parity.report import write_reports
     from afedge.parity.workloads import prompt_decode, snapshot_resume, static_shapes
     from afedge.device.devices import parse_device
@@ -134,9 +134,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     con = _console()
     b = open_bundle(Path(args.bundle))
     tol_name = args.tolerance or b.manifest["parity"].get("tolerance") or b.manifest["target"]["profile"]["tolerance"]
-    ref = TorchSession(reference_program(b), b.manifest["target"]["profile"]["threads"])
-    workloads = [prompt_decode(40, args.steps), static_shapes(b.info.prefill_len), snapshot_resume()]
-    rows, floors = [], {}
+    judge = Judge(TorchSession(reference_program(b), b.manifest["target"]["profile"]["threads"]))
+    workloads = [prompt_decode(steps=args.steps), static_shapes(b.info.prefill_len), snapshot_resume()]
+    rows = []
     devices = [parse_device(d) for d in args.device] if args.device else [None]
     for device, art in ((d, a) for d in devices for a in b.artifacts):
         if args.runtime and args.runtime not in (art.name, art.runtime):
@@ -149,7 +149,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
             continue
         art_tol = tolerance_name(art.info, tol_name)  # the artifact's quant scheme's profile
         for w in workloads:
-            rows.append((label, judge(ref, sess, w, art_tol, floors), ""))
+            rows.append((label, judge(sess, w, art_tol), ""))
         sess.close()
     src = Path(args.bundle)  # a .zip's report goes beside the archive, not into its temporary unpacking
     report = Path(args.report or src.parent / f"{src.stem if src.suffix == '.zip' else src.name}-parity.md")

@@ -15,7 +15,7 @@ from afedge.checkpoint import (CheckpointError, describe_nonfinite, load_checkpo
                                save_checkpoint)
 from afedge.exporting import EXPORTERS, Artifact, ExportError, load_plugins
 from afedge.parity.compare import Report
-from afedge.parity.noise import judge
+from afedge.parity.noise import Judge
 from afedge.parity.workloads import GATE_STEPS, Workload, prompt_decode
 from afedge.precision import check_fp16_range
 from afedge.quant.gate import quant_summary, tolerance_name
@@ -68,8 +68,8 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
     """Compare every artifact that can run on this machine with the torch reference, each with its quant
     scheme's tolerance profile (`tol_name` for artifacts that record none)."""
     from afedge.runtimes.torch import TorchSession
-    ref = TorchSession(reference_program(bundle), bundle.manifest["target"]["profile"]["threads"])
-    results, floors = [], {}
+    judge = Judge(TorchSession(reference_program(bundle), bundle.manifest["target"]["profile"]["threads"]))
+    results = []
     for art in bundle.artifacts:
         progress(f"parity {art.name}")
         try:
@@ -78,7 +78,7 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
             results.append(GateResult(art.name, "unavailable", None, str(e)))
             continue
         art_tol = tolerance_name(art.info, tol_name)  # the artifact's quant scheme's profile
-        rep = judge(ref, sess, workload, art_tol, floors)
+        rep = judge(sess, workload, art_tol)
         sess.close()
         results.append(GateResult(art.name, "pass" if rep.passed else "fail", rep, rep.failure))
     return results

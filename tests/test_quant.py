@@ -17,7 +17,7 @@ from afedge.mixers import MIXERS
 from afedge.quant import SCHEMES, QuantPolicy, plan_quant, resolve_plan, scheme
 from afedge.quant.auto import AUTO_ORDER, auto_plan
 from afedge.quant.policy import EMBEDDING, HEAD, NORM, STATE_SENSITIVE, mixer_fp32_names
-from afedge.quant.sensitivity import gate_error, gate_logits, sensitivity_report, simulated_error
+from afedge.quant.sensitivity import gate_error, gate_logits, gate_probe, sensitivity_report, simulated_error
 from afedge.quant.weights import dequantize, pack_int4, quantize, unpack_int4
 from afedge.registry import RegistryError
 from afedge.tolerances import AUTO_MARGIN_DB, TOLERANCES, tolerance
@@ -149,7 +149,7 @@ def test_auto_promotes_the_most_sensitive_layers_until_the_prediction_clears_the
     # under a 4-bit scheme the promoted layers get the 8-bit sibling; the plan is what was simulated
     assert plan.scheme == "int4-g32" and tried["chosen"] and tried["simulated_sqnr_db"] >= bound
     assert {n for n, s in plan.overrides.items() if s == "int8"} == {*tried["promoted"], "head"}
-    sqnr, top1 = gate_error(model, plan)
+    sqnr, top1 = gate_error(model, plan, gate_probe(model))
     assert sqnr == pytest.approx(tried["simulated_sqnr_db"], abs=0.01) and top1 >= tolerance("int4-g32").top1
 
 
@@ -163,12 +163,13 @@ def test_gate_error_scores_what_the_export_gate_scores():
     from afedge.runtimes.torch import TorchSession
     model, workload = _model("retnet"), prompt_decode(20, 24)
     plan = plan_quant(model, "int4-g32")
-    sqnr, top1 = gate_error(model, plan, workload)
+    probe = gate_probe(model, workload)
+    sqnr, top1 = gate_error(model, plan, probe)
     ref = TorchSession(to_recurrent(model, 8, 16))
     rep = compare(ref, TorchSession(to_recurrent(simulated(model, plan, plan.quantized), 8, 16)), workload,
                   tolerance("int4-g32"))
     assert sqnr == pytest.approx(rep.sqnr_db, abs=0.05) and top1 == pytest.approx(rep.top1, abs=1e-9)
-    got, want = gate_logits(model, plan, workload)
+    got, want = gate_logits(model, plan, probe), probe.ref
     per_position = [float((g - w).abs().max() / w.abs().max()) for g, w in zip(got[0], want[0])]
     assert per_position == pytest.approx(rep.per_step_rel, rel=1e-3) and sqnr < 40   # int4 noise, position by position
 

@@ -1,8 +1,9 @@
 """Measurements over any `Session` (init_state / prefill / step, numpy in and out), and over the baseline.
 
 Decode at a context of N: feed N tokens through the session's chunked prefill (whole prefill blocks, then steps),
-then time `steps` single steps, each fed the previous step's greedy token, in rounds interleaved over the contexts. The peak RSS of each context is the peak
-while that context was reached and decoded (VmHWM reset between contexts)."""
+then time `steps` single steps, each fed the previous step's greedy token, in rounds interleaved over the contexts.
+The peak RSS of each context is the peak while that context was reached and decoded (VmHWM reset between
+contexts)."""
 from __future__ import annotations
 
 import time

@@ -65,7 +65,8 @@ def compare(ref: Session, sess: Session, workload: Workload, tol: Tolerance, tol
     # with a measured noise floor, an argmax flip between two tokens the reference puts within the logits bound of
     # each other is a tie at fp32's noise level, not a disagreement
     tie_abs = tol.max_rel * float(np.max(np.abs(r_all))) if floor is not None else 0.0
-    greedy_same = [bool(np.all(metrics.argmax_agrees(s, r, tie_abs))) for s, r in pairs[:-1]]
+    agree = metrics.argmax_agrees(s_all, r_all, tie_abs)                      # per (position, batch row)
+    greedy_same = agree.reshape(len(pairs), -1).all(1)[:-1].tolist()
     notes = _resume_check(sess, ref, workload, prompt) if workload.snapshot_at is not None else []
     rels = [metrics.max_rel(s, r) for s, r in pairs]
     state_rel = {slot.name: metrics.max_rel(s, r) for slot, s, r in zip(sess.info.spec.slots, s_state, r_state)}
@@ -77,11 +78,11 @@ def compare(ref: Session, sess: Session, workload: Workload, tol: Tolerance, tol
         max_abs=metrics.max_abs(s_all, r_all), max_rel=max(rels),
         sqnr_db=metrics.sqnr_db(s_all, r_all), sqnr_worst_db=min(metrics.sqnr_db(s, r) for s, r in pairs),
         cosine=min(metrics.cosine(s, r) for s, r in pairs),
-        top1=metrics.top1_agreement(s_all, r_all, tie_abs),
+        top1=float(np.mean(agree)),
         greedy=float(np.mean(greedy_same)) if greedy_same else 1.0,
         state_rel=state_rel, state_rel_per_layer=per_layer, per_step_rel=rels, notes=notes,
         max_rel_bound=tol.max_rel, noise_floor=floor.logits_rel if floor is not None else None,
-        ties=int(np.sum(metrics.argmax_agrees(s_all, r_all, tie_abs) & (s_all.argmax(-1) != r_all.argmax(-1)))),
+        ties=int(np.sum(agree & (s_all.argmax(-1) != r_all.argmax(-1)))),
     )
     rep.failure = _verdict(rep, tol, rels, greedy_same) or "; ".join(notes)
     rep.passed = not rep.failure

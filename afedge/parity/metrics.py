@@ -46,6 +46,6 @@ def argmax_agrees(x, ref, tie_abs: float = 0.0) -> np.ndarray:
     return (ia == ir)[..., 0] | (margin[..., 0] <= tie_abs)
 
 
-def top1_agreement(x, ref, tie_abs: float = 0.0) -> float:
-    """Fraction of rows (last axis = vocab) whose argmax agrees (`argmax_agrees`)."""
-    return float(np.mean(argmax_agrees(x, ref, tie_abs)))
+def top1_agreement(x, ref) -> float:
+    """Fraction of rows (last axis = vocab) whose argmax agrees."""
+    return float(np.mean(argmax_agrees(x, ref)))

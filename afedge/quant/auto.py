@@ -14,7 +14,7 @@ from dataclasses import replace
 from afedge.model import LM
 from afedge.quant.policy import QuantPlan, QuantPolicy, plan_quant
 from afedge.quant.schemes import scheme as get_scheme
-from afedge.quant.sensitivity import gate_error, predicted_sqnr_db, sensitivity_report
+from afedge.quant.sensitivity import gate_error, gate_probe, predicted_sqnr_db, sensitivity_report
 from afedge.tolerances import AUTO_MARGIN_DB, tolerance
 
 __all__ = ["AUTO_ORDER", "auto_plan"]
@@ -24,7 +24,7 @@ AUTO_ORDER = ("int4-g32", "8da4w", "int4-g128", "int8", "int8-dyn")
 
 
 def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPolicy()) -> QuantPlan:
-    tried = []
+    tried, probe = [], None
     for scheme in (s for s in AUTO_ORDER if s in claimed):
         tol = tolerance(scheme)
         rows = [r for r in sensitivity_report(model, scheme, policy) if r.layer not in policy.eight_bit]
@@ -36,7 +36,11 @@ def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPo
         else:
             chosen = replace(policy, keep_fp32=(*policy.keep_fp32, *keep))
         plan = plan_quant(model, scheme, chosen)
-        sqnr, top1 = gate_error(model, plan) if plan.quantized else (float("inf"), 1.0)
+        if plan.quantized:
+            probe = probe or gate_probe(model)   # the gate's workload on the fp32 model: once for every candidate
+            sqnr, top1 = gate_error(model, plan, probe)
+        else:
+            sqnr, top1 = float("inf"), 1.0
         ok = bool(plan.quantized) and sqnr >= tol.sqnr_db + AUTO_MARGIN_DB and top1 >= tol.top1
         tried.append({"scheme": scheme, "promoted": keep, "simulated_sqnr_db": round(sqnr, 2),
                       "simulated_top1": round(top1, 4), "chosen": ok})

@@ -21,8 +21,8 @@ from afedge.quant.calibration import calibration_tokens
 from afedge.quant.policy import QuantPlan, QuantPolicy, plan_quant
 from afedge.quant.simulate import logits_of, simulated
 
-__all__ = ["LayerSensitivity", "sensitivity_report", "predicted_sqnr_db", "simulated_error", "gate_error",
-           "gate_logits", "PROMPT_LEN", "GATE_WORKLOAD"]
+__all__ = ["LayerSensitivity", "sensitivity_report", "predicted_sqnr_db", "simulated_error", "GateProbe",
+           "gate_probe", "gate_logits", "gate_error", "PROMPT_LEN", "GATE_WORKLOAD"]
 
 PROMPT_LEN = 64
 GATE_WORKLOAD = prompt_decode()   # the export gate's workload (afedge.pipeline.export_bundle)
@@ -53,34 +53,40 @@ def simulated_error(model: LM, plan: QuantPlan, length: int = PROMPT_LEN) -> tup
     return metrics.sqnr_db(got, ref), metrics.top1_agreement(got, ref)
 
 
+@dataclass(frozen=True)
+class GateProbe:
+    """The export gate's workload run once on the fp32 model: the prompt plus its greedy continuation (1, P + N),
+    and the fp32 logits (1, N + 1, V) at the positions the gate scores (the prompt's last, then every step)."""
+
+    tokens: torch.Tensor
+    ref: torch.Tensor
+    scored: slice
+
+
 @torch.no_grad()
-def gate_tokens(model: LM, workload: Workload = GATE_WORKLOAD) -> torch.Tensor:
-    """(1, prompt_len + steps): the workload's prompt, then the fp32 model's greedy tokens, one step at a time."""
+def gate_probe(model: LM, workload: Workload = GATE_WORKLOAD) -> GateProbe:
     tokens = torch.from_numpy(workload.prompt(model.cfg.vocab_size))
     logits, state = model(tokens)
     out, nxt = [tokens], logits[:, -1].argmax(-1)
-    for i in range(workload.steps):
+    for i in range(workload.steps):  # greedy, one step at a time, as the gate's reference session decodes
         out.append(nxt[:, None])
         if i + 1 < workload.steps:
             logits, state = model.step(nxt, state)
             nxt = logits.argmax(-1)
-    return torch.cat(out, 1)
+    tokens, scored = torch.cat(out, 1), slice(workload.prompt_len - 1, None)
+    return GateProbe(tokens, logits_of(model, tokens)[:, scored], scored)
 
 
 @torch.no_grad()
-def gate_logits(model: LM, plan: QuantPlan, workload: Workload = GATE_WORKLOAD) -> tuple[torch.Tensor, torch.Tensor]:
-    """(simulated, fp32) logits (1, steps + 1, V) at the positions the export gate scores (the prompt's last, then
-    every decode step), teacher-forced on the fp32 model's greedy tokens as the gate is."""
-    tokens = gate_tokens(model, workload)
-    scored = slice(workload.prompt_len - 1, None)
-    ref = logits_of(model, tokens)[:, scored]
-    return logits_of(simulated(model, plan, plan.quantized, tokens), tokens)[:, scored], ref
+def gate_logits(model: LM, plan: QuantPlan, probe: GateProbe) -> torch.Tensor:
+    """The simulated plan's logits at the probe's scored positions, teacher-forced on its tokens as the gate is."""
+    return logits_of(simulated(model, plan, plan.quantized, probe.tokens), probe.tokens)[:, probe.scored]
 
 
-def gate_error(model: LM, plan: QuantPlan, workload: Workload = GATE_WORKLOAD) -> tuple[float, float]:
-    """(SQNR dB, top-1) of the simulated plan on the export gate's workload (`gate_logits`)."""
-    got, ref = gate_logits(model, plan, workload)
-    return metrics.sqnr_db(got, ref), metrics.top1_agreement(got, ref)
+def gate_error(model: LM, plan: QuantPlan, probe: GateProbe) -> tuple[float, float]:
+    """(SQNR dB, top-1) of the simulated plan on the export gate's workload."""
+    got = gate_logits(model, plan, probe)
+    return metrics.sqnr_db(got, probe.ref), metrics.top1_agreement(got, probe.ref)
 
 
 @torch.no_grad()
