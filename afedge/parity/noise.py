@@ -1,8 +1,9 @@
 """The fp32 noise floor: how far the fp32 torch reference itself is from the same program in fp64, on a workload.
 
 Deep random-weight models amplify rounding (the mamba-130m shape: the reference's fp32 logits are 5.7e-4 to 7.4e-4
-from its fp64 ones over the parity workloads), so an fp32 runtime is bounded by max(the table's bound, FP32_NOISE_FACTOR x this floor): a wrong
-lowering is off by O(1), another accumulation order by a small multiple of the floor.
+from its fp64 ones over the parity workloads), so an fp32 runtime is bounded by max(the table's bound,
+FP32_NOISE_FACTOR x this floor): a wrong lowering is off by O(1), another accumulation order by a small multiple of
+the floor.
 """
 from __future__ import annotations
 
