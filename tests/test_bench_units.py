@@ -1,5 +1,5 @@
 """Units of `afedge bench`: budget validation and checking, the roofline's byte count, the KV-cache baseline, the
-interleaved decode rounds."""
+decode interleaved step by step over the contexts."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -96,30 +96,34 @@ def test_the_baseline_matches_the_parameter_count():
 
 
 class _ContextClock(Session):
-    """A fake session whose step takes 1 ms of fake time, plus 9 ms while the machine is 'busy': the first 40 steps
-    ever timed. Its state carries the context it was reached at, so the test can see which context each step ran."""
+    """A fake session whose step takes 1 ms of fake time, plus 9 ms while the machine is 'busy': `busy(i)` of the
+    i-th step ever run. Its state counts the tokens seen, so the test can see which context each step ran at."""
 
     runtime = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, busy) -> None:
         super().__init__(ProgramInfo(StateSpec((StateSlot("n", (1,)),)), vocab_size=8, prefill_len=4))
-        self.now, self.timed = 0.0, 0
+        self.now, self.busy, self.seen = 0.0, busy, []
 
     def _run(self, method, inputs):
         tokens, (n,) = inputs[0], inputs[1:]
         if method == "step":
-            self.timed += 1
-            self.now += 1e-3 + (9e-3 if self.timed <= 40 else 0.0)
+            self.now += 1e-3 + (9e-3 if self.busy(len(self.seen)) else 0.0)
+            self.seen.append(int(n[0]))
         return [np.zeros((1, 8), np.float32), n + tokens.shape[-1] if method == "prefill" else n + 1]
 
 
-def test_decode_rounds_spread_a_slow_spell_over_every_context(monkeypatch):
-    """A slow spell at the start must not make the first context look slower than the last (it would, measured
-    one context after the other: context 4 would get 16 slow steps of 16)."""
-    sess = _ContextClock()
+@pytest.mark.parametrize("busy", [lambda i: i < 40, lambda i: i // 8 % 3 == 0],
+                         ids=["slow start", "slow spells every 24 steps"])
+def test_decode_goes_round_the_contexts_step_by_step(monkeypatch, busy):
+    """Every context samples the same moments of the machine: measured one context after the other, a slow start
+    would make context 100 look 10x slower than context 400, and spells would land on whichever context ran then."""
+    sess = _ContextClock(busy)
     monkeypatch.setattr(measure.time, "perf_counter", lambda: sess.now)
-    rows = measure.decode_vs_context(sess, 8, [4, 8, 16, 32], steps=16, progress=lambda m: None)
+    rows = measure.decode_vs_context(sess, 8, [100, 200, 300, 400], steps=16, progress=lambda m: None)
     assert [r["n"] for r in rows] == [16] * 4
+    timed = [n // 100 for n in sess.seen[4 * measure.WARMUP:]]
+    assert timed == [1, 2, 3, 4] * 16
     medians = [r["median_ms"] for r in rows]
     assert max(medians) / min(medians) <= 1.05, medians
     assert measure.growth(rows)["latency"] == 1.0

@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     s.add_argument("--reference-contexts", type=_ints, help="contexts for PyTorch eager and the baseline "
                    "(default: --contexts; eager PyTorch takes long to feed 65,536 tokens)")
     s.add_argument("--prompt-len", type=int, default=2048, help="prompt for prefill and TTFT (default 2048)")
-    s.add_argument("--steps", type=int, default=32, help="timed decode steps per context (default 32)")
+    s.add_argument("--steps", type=int, default=64, help="timed decode steps per context (default 64)")
     s.add_argument("--repeats", type=int, default=3, help="chunked prefill repeats, median (default 3)")
     s.add_argument("--tbt-tokens", type=int, help="tokens fed one by one for token-by-token prefill "
                    "(default: --prompt-len)")

@@ -1,7 +1,7 @@
 """Measurements over any `Session` (init_state / prefill / step, numpy in and out), and over the baseline.
 
 Decode at a context of N: feed N tokens through the session's chunked prefill (whole prefill blocks, then steps),
-then time `steps` single steps, each fed the previous step's greedy token, in rounds interleaved over the contexts.
+then time `steps` single steps, each fed the previous step's greedy token, one step per context in turn.
 The peak RSS of each context is the peak while that context was reached and decoded (VmHWM reset between
 contexts)."""
 from __future__ import annotations
@@ -14,8 +14,7 @@ import numpy as np
 from afedge.bench.memory import peak_rss_bytes, reset_peak, rss_bytes
 
 Progress = Callable[[str], None]
-WARMUP = 3   # untimed steps before each run of timed ones
-ROUNDS = 4   # decode_vs_context's interleaved rounds over the contexts
+WARMUP = 3   # untimed steps before the timed ones
 
 
 def percentiles(samples_s: list[float]) -> dict:
@@ -29,15 +28,17 @@ def prompt(vocab: int, n: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab, size=(1, n), dtype=np.int64)
 
 
-def _timed_steps(sess, logits: np.ndarray, state, steps: int) -> tuple[list[float], np.ndarray, list, bool]:
-    """WARMUP untimed then `steps` timed greedy steps from (logits, state) -> (seconds each, logits, state, finite)."""
+def _timed_steps(sess, logits: np.ndarray, state, steps: int, warmup: int = WARMUP
+                 ) -> tuple[list[float], np.ndarray, list, bool]:
+    """`warmup` untimed then `steps` timed greedy steps from (logits, state) -> (seconds each, logits, state,
+    finite)."""
     samples = []
-    for i in range(WARMUP + steps):
+    for i in range(warmup + steps):
         tok = logits.argmax(-1).astype(np.int64)
         t = time.perf_counter()
         logits, state = sess.step(tok, state)
         dt = time.perf_counter() - t
-        if i >= WARMUP:
+        if i >= warmup:
             samples.append(dt)
     finite = bool(np.isfinite(logits).all())
     return samples, logits, state, finite
@@ -46,9 +47,10 @@ def _timed_steps(sess, logits: np.ndarray, state, steps: int) -> tuple[list[floa
 def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progress: Progress) -> list[dict]:
     """Per context (ascending): median/p90 step latency and the peak RSS while reaching and decoding it.
 
-    Each context is reached once (its state kept: it is fixed-size), then the timed steps run in ROUNDS rounds that
-    visit every context in turn, so that a slow spell of the machine (another process, the clock) lands on all
-    contexts alike instead of on whichever was measured then."""
+    Each context is reached once (its state kept: it is fixed-size) and warmed up; then the timed steps go round
+    the contexts one step at a time, so that every context samples the same moments of the machine (its fast and
+    slow spells, which at sub-millisecond steps swing a median by 15-40% from one 100 ms to the next) and the
+    latency ratio between contexts measures the context, not the moment."""
     state, pos, logits, rows, reached = sess.init_state(), 0, None, [], []
     for n in sorted(contexts):
         resettable = reset_peak()
@@ -66,10 +68,9 @@ def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progres
         rows.append({"context": n, "fed_tokens": max(feed, 0), "feed_s": round(feed_s, 3),
                      "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(), "peak_is_per_context": resettable})
     samples: list[list[float]] = [[] for _ in rows]
-    for r in range(ROUNDS):
+    for _ in range(steps):
         for i, (lg, st) in enumerate(reached):
-            k = steps // ROUNDS + (r < steps % ROUNDS)
-            got, lg, st, _ = _timed_steps(sess, lg, st, k)
+            got, lg, st, _ = _timed_steps(sess, lg, st, 1, warmup=0)
             samples[i].extend(got)
             reached[i] = (lg, st)
     for row, got, (lg, _) in zip(rows, samples, reached):

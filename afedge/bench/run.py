@@ -25,7 +25,7 @@ class Settings:
     contexts: list[int] = field(default_factory=lambda: [128, 1024, 8192, 65536])
     reference_contexts: list[int] | None = None  # for torch eager and the baseline (None: `contexts`)
     prompt_len: int = 2048
-    steps: int = 32                  # timed decode steps per context
+    steps: int = 64                  # timed decode steps per context
     repeats: int = 3                 # chunked-prefill repeats (median)
     tbt_tokens: int | None = None    # tokens fed one by one for the token-by-token figure (None: prompt_len)
     threads: int | None = None       # None: the target profile's
@@ -119,21 +119,16 @@ def _jobs(bundle: Bundle, s: Settings) -> list[tuple[dict, dict]]:
         head = {"name": a.name if device is None else f"{a.name}@{device.name}", "runtime": a.runtime,
                 "kind": "afedge", "arch": a.arch, "artifact_bytes": _artifact_bytes(bundle, a.files),
                 "threads": threads, "on_device": a.arch in ("any", arch) and not getattr(device, "emulated", False)}
+        spec = common | {"kind": "artifact", "name": a.name, "artifact": a.name}
         if device is not None:
-            head |= {"device": device.name, "emulated": device.emulated}
-            if device.emulated:
-                head["timing"] = EMULATED
-        if device is not None and a.runtime == "executorch":
-            from afedge.device.session import EXECUTORCH_GAP
-            jobs.append((head | {"status": "unavailable", "reason": EXECUTORCH_GAP}, {}))
-        elif device is not None and a.arch in ("any", arch):
-            jobs.append((head, common | {"kind": "artifact", "name": a.name, "artifact": a.name,
-                                         "device": device.name}))
-        elif a.arch not in ("any", arch):
-            jobs.append((head | {"status": "unavailable", "reason": f"built for {a.arch}; "
-                                 f"{device.name if device else 'this machine'} is {arch}: not measured"}, {}))
+            from afedge.device.session import unavailable_reason
+            head |= {"device": device.name, "emulated": device.emulated} | ({"timing": EMULATED} if device.emulated
+                                                                            else {})
+            spec["device"] = device.name
+            reason = unavailable_reason(a, device)
         else:
-            jobs.append((head, common | {"kind": "artifact", "name": a.name, "artifact": a.name}))
+            reason = None if a.arch in ("any", arch) else f"built for {a.arch}; this machine is {arch}: not measured"
+        jobs.append((head | {"status": "unavailable", "reason": reason}, {}) if reason else (head, spec))
     extra = [("torch", s.torch, "torch-eager", "PyTorch eager (reference): step, and the parallel form"),
              ("baseline", s.baseline, "baseline", "softmax attention + KV cache, PyTorch eager"),
              ("hf", s.hf, "hf", "transformers generate")]

@@ -102,21 +102,26 @@ class DeviceSession(Session):
         self.worker.close()
 
 
+def unavailable_reason(art: Artifact, device) -> str | None:
+    """Why `art` cannot run on `device`, or None when it can."""
+    if art.arch not in ("any", device.arch):
+        return f"{art.runtime}: {art.name} is built for {art.arch}; {device.name} is {device.arch}"
+    if isinstance(device, RpcDevice):
+        return None if art.runtime == "tvm" else (f"{art.runtime}: {device.name} is a TVM RPC device; it runs TVM "
+                                                  f"artifacts")
+    return EXECUTORCH_GAP if art.runtime == "executorch" else None
+
+
 def open_device_session(bundle: Bundle, art: Artifact, device, threads: int | None = None) -> Session:
     """One artifact of `bundle` on `device`; RuntimeUnavailable when it cannot run there (and why)."""
-    if art.arch not in ("any", device.arch):
-        raise RuntimeUnavailable(f"{art.runtime}: {art.name} is built for {art.arch}; {device.name} is "
-                                 f"{device.arch}")
+    if reason := unavailable_reason(art, device):
+        raise RuntimeUnavailable(reason)
     profile = bundle.manifest["target"]["profile"]
     threads = threads or profile["threads"]
     files = {m: bundle.file(f) for m, f in art.files.items()}
     if isinstance(device, RpcDevice):
         from afedge.device.rpc import RpcTvmSession
-        if art.runtime != "tvm":
-            raise RuntimeUnavailable(f"{art.runtime}: {device.name} is a TVM RPC device; it runs TVM artifacts")
         return RpcTvmSession(device, files, bundle.info, threads)
-    if art.runtime == "executorch":
-        raise RuntimeUnavailable(EXECUTORCH_GAP)
     options = dict(profile.get("onnx", {})) if art.runtime == "onnxruntime" else {}
     if art.runtime == "onnxruntime":
         from afedge.runtimes.onnxruntime import SESSION_CONFIG, check_model_file
