@@ -5,7 +5,7 @@ The config is TOML with three tables (see afedge/demo/train.toml):
     [model]  LMConfig fields (mixer, d_model, n_layers, mixer_kwargs, vocab_size, ...)
     [data]   source = "demo" | "text", path (for "text": conversations separated by blank lines), seed,
              seq_len, loss = "replies" (the demo format's reply spans) | "all", tokenizer = "bytes" | a tokenizer.json
-    [train]  steps, batch_size, lr, min_lr, warmup, weight_decay, grad_clip, chunk_size, threads,
+    [train]  steps, batch_size, lr, min_lr, warmup, weight_decay, grad_clip, chunk_size, compile, threads,
              checkpoint_every, out
 
 Row `i` of the data is a pure function of (seed, i), so a run resumed from its last checkpoint sees the same data as
@@ -60,9 +60,13 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     chunk_size: int = 64            # chunk of the chunked parallel form during training
+    compile: bool = False           # torch.compile the loss (static shapes; the first step pays the compile)
     threads: int = 2
     checkpoint_every: int = 200
     out: str = "runs/train"
+
+
+RUN_ONLY = ("steps", "out", "checkpoint_every", "threads", "compile")  # [train] fields a resumed run may change
 
 
 @dataclass
@@ -77,7 +81,7 @@ class RunConfig:
     def fingerprint(self) -> str:
         """What a resumed run must share with the run that wrote the checkpoint (not steps or out)."""
         d = self.to_dict()
-        d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "out", "checkpoint_every", "threads")}
+        d["train"] = {k: v for k, v in d["train"].items() if k not in RUN_ONLY}
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -277,13 +281,14 @@ def train(cfg: RunConfig, fresh: bool = False, progress: bool = True, log=print)
     logf = (out / "log.jsonl").open("a", buffering=1)  # line-buffered: `tail -f` shows every step
     bar = tqdm(range(start, cfg.train.steps), initial=start, total=cfg.train.steps, disable=not progress,
                unit="step", dynamic_ncols=True)
+    step_loss = torch.compile(loss_fn, dynamic=False) if cfg.train.compile else loss_fn
     t0, c0, loss_ema, now, cpu = time.perf_counter(), time.process_time(), 0.0, elapsed, cpu_used
     for step in bar:
         ids, mask = rows.batch(step, cfg.train.batch_size)
         lr = lr_at(step, cfg.train)
         for g in opt.param_groups:
             g["lr"] = lr
-        loss = loss_fn(model, ids, mask, cfg.train.chunk_size)
+        loss = step_loss(model, ids, mask, cfg.train.chunk_size)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)

@@ -1,6 +1,7 @@
 """`afedge train`: config validation, reply-only loss mask, atomic checkpoints, exact resume, text corpora."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch
 from afedge.checkpoint import load_checkpoint
 from afedge.demo.corpus import write_corpus
 from afedge.demo.format import reply_spans
+from afedge.tolerances import TOLERANCES
 from afedge.train import CHECKPOINT, TRAIN_STATE, DataConfig, Rows, TrainConfigError, load_config, train
 
 TINY = """
@@ -92,6 +94,28 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(tmp_path, monkeypatch)
     after = weights(ckpt)
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert not list((tmp_path / "r").glob(".checkpoint.*"))
+
+
+def test_resume_may_change_how_the_run_executes_not_what_it_computes(tmp_path):
+    base = load_config(config(tmp_path, "r"))
+    other = load_config(config(tmp_path, "r"))
+    other.train.compile, other.train.threads, other.train.steps = True, 2, 9
+    assert other.fingerprint() == base.fingerprint()
+    other.train.chunk_size = 7
+    assert other.fingerprint() != base.fingerprint()
+
+
+@pytest.mark.slow
+def test_compiled_training_computes_the_eager_loss(tmp_path):
+    """`[train] compile = true` (torch.compile, the demo config's setting) trains the same model as eager."""
+    logs = {}
+    for compiled in (False, True):
+        cfg = load_config(config(tmp_path, f"c{compiled}", steps=2))
+        cfg.train.compile = compiled
+        train(cfg, progress=False, log=lambda _: None)
+        logs[compiled] = [json.loads(line)["loss"] for line in (tmp_path / f"c{compiled}" / "log.jsonl").open()]
+    assert len(logs[True]) == 2
+    assert logs[True][0] == pytest.approx(logs[False][0], rel=TOLERANCES["fp32"].max_rel)
 
 
 def test_text_corpus_source(tmp_path):
