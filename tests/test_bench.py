@@ -10,6 +10,7 @@ from afedge.cli import main
 from afedge.model import LM, LMConfig
 from afedge.rewrite import to_recurrent
 from afedge.target import load_target
+from afedge.tolerances import TOLERANCES
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
@@ -95,6 +96,44 @@ def test_check_passes_on_a_budget_that_is_met(bundle, tmp_path):
     assert rc == 0
     verdicts = json.loads((tmp_path / "r.json").read_text())["budgets"]["verdicts"]
     assert len(verdicts) == 5 and all(v["status"] == "pass" for v in verdicts)
+
+
+def test_reach_with_hands_one_runtimes_states_to_the_others(bundle, tmp_path):
+    """`--reach-with onnx`: the torch reference decodes from the states ONNX Runtime's prefill reached; those are
+    the states torch reaches itself (the shared state contract), so decode starts where it would have."""
+    md = tmp_path / "r.md"
+    assert main(["bench", str(bundle), *FAST, "--runtime", "torch", "--reach-with", "onnx", "--out", str(md)]) == 0
+    res = json.loads(md.with_suffix(".json").read_text())
+    assert res["reached_with"]["artifact"] == "onnx"
+    assert [r["context"] for r in res["reached_with"]["reached"]] == CONTEXTS
+    (torch_row,) = res["runtimes"]
+    assert [d["fed_tokens"] for d in torch_row["decode"]] == [0, 0] and all(d["finite"] for d in torch_row["decode"])
+    assert "reached once by **onnx**" in md.read_text()
+
+
+def test_reached_states_round_trip_and_match_the_reference(bundle, tmp_path):
+    from afedge.bench import measure
+    from afedge.bundle import load_bundle
+    from afedge.parity.metrics import max_rel
+    from afedge.pipeline import open_session, reference_program
+    from afedge.runtimes.torch import TorchSession
+    b = load_bundle(bundle)
+    ort = open_session(b, b.artifact("onnx"), 1)
+    names, path = b.info.spec.names, str(tmp_path / "s.safetensors")
+    rows = measure.save_reached(path, names, measure.reach(ort, b.info.vocab_size, CONTEXTS))
+    assert [r["context"] for r in rows] == CONTEXTS and rows[1]["fed_tokens"] == CONTEXTS[1] - CONTEXTS[0]
+    got = measure.load_reached(path, names)
+    ref = {n: (lg, st) for n, _, _, lg, st in measure.reach(TorchSession(reference_program(b)), b.info.vocab_size,
+                                                            CONTEXTS)}
+    assert sorted(got) == CONTEXTS
+    for n in CONTEXTS:
+        assert max_rel(got[n][0], ref[n][0]) <= TOLERANCES["fp32"].max_rel
+        assert all(max_rel(a, r) <= TOLERANCES["fp32"].state_rel for a, r in zip(got[n][1], ref[n][1]))
+
+
+def test_reach_with_an_unknown_artifact_is_a_clear_error(bundle, capsys):
+    assert main(["bench", str(bundle), "--reach-with", "nope"]) == 1
+    assert "--reach-with nope: not in" in capsys.readouterr().err
 
 
 def test_unknown_runtime_is_a_clear_error(bundle, capsys):

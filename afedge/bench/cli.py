@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     s.add_argument("--timeout", type=float, help="seconds per runtime process")
     s.add_argument("--device", help="run the artifacts on a device: emu:CPU (figures marked emulated, never "
                    "device latency; budgets not checked) or adb:SERIAL")
+    s.add_argument("--reach-with", help="artifact or runtime whose chunked prefill reaches the decode contexts for "
+                   "every runtime (the state contract is shared), so a slow runtime's decode can be timed at long "
+                   "contexts; its peak RSS is then decode's alone (default: each runtime reaches them itself)")
     s.add_argument("--bandwidth-mib", type=int, default=512, help="buffer for the bandwidth probe (default 512)")
     s.set_defaults(fn=cmd_bench)
 
@@ -60,7 +63,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  tbt_tokens=args.tbt_tokens, threads=args.threads, runtimes=runtimes, torch=not args.no_torch,
                  baseline=not args.no_baseline, hf=not args.no_hf, max_kv_gib=args.baseline_max_kv_gib,
                  budgets=args.budgets, on_target=args.on_target, bandwidth_mib=args.bandwidth_mib,
-                 device=args.device)
+                 device=args.device, reach_with=args.reach_with)
     bundle = Path(args.bundle)
     out = args.out or bundle.absolute().parent / f"{bundle.absolute().name}-bench.md"
     partial = out.with_suffix(".partial.json")

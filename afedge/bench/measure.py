@@ -44,16 +44,12 @@ def _timed_steps(sess, logits: np.ndarray, state, steps: int, warmup: int = WARM
     return samples, logits, state, finite
 
 
-def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progress: Progress) -> list[dict]:
-    """Per context (ascending): median/p90 step latency and the peak RSS while reaching and decoding it.
-
-    Each context is reached once (its state kept: it is fixed-size) and warmed up; then the timed steps go round
-    the contexts one step at a time, so that every context samples the same moments of the machine (its fast and
-    slow spells, which at sub-millisecond steps swing a median by 15-40% from one 100 ms to the next) and the
-    latency ratio between contexts measures the context, not the moment."""
-    state, pos, logits, rows, reached = sess.init_state(), 0, None, [], []
+def reach(sess, vocab: int, contexts: list[int]):
+    """Feed the contexts (ascending) through the session's chunked prefill, each from the last: yields
+    (context, tokens fed, seconds, logits, state) as each is reached. The prompt of context n is seeded by n, so
+    every runtime (and `--reach-with`) reaches the same states."""
+    state, pos, logits = sess.init_state(), 0, None
     for n in sorted(contexts):
-        resettable = reset_peak()
         feed = n - pos
         t = time.perf_counter()
         if feed > 0:
@@ -63,17 +59,56 @@ def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progres
         if logits is None:  # a context of 0
             logits, state = sess.step(np.zeros(1, dtype=np.int64), state)
             pos += 1
+        yield n, max(feed, 0), feed_s, logits, state
+
+
+def save_reached(path: str, names: list[str], points) -> list[dict]:
+    """Write the (context, fed, seconds, logits, state) points of `reach` to one safetensors file (keys
+    "<context>.logits", "<context>.<slot>"); returns a row per context."""
+    from safetensors.numpy import save_file
+    tensors, rows = {}, []
+    for n, fed, feed_s, logits, state in points:
+        tensors |= {f"{n}.logits": logits} | {f"{n}.{k}": np.ascontiguousarray(a) for k, a in zip(names, state)}
+        rows.append({"context": n, "fed_tokens": fed, "feed_s": round(feed_s, 3)})
+    save_file(tensors, path)
+    return rows
+
+
+def load_reached(path: str, names: list[str]) -> dict[int, tuple[np.ndarray, list]]:
+    """context -> (logits, state in contract order), as save_reached wrote them."""
+    from safetensors.numpy import load_file
+    tensors = load_file(path)
+    contexts = sorted({int(k.split(".", 1)[0]) for k in tensors})
+    return {n: (tensors[f"{n}.logits"], [tensors[f"{n}.{k}"] for k in names]) for n in contexts}
+
+
+def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progress: Progress,
+                      reached: dict[int, tuple[np.ndarray, list]] | None = None) -> list[dict]:
+    """Per context (ascending): median/p90 step latency and the peak RSS while reaching and decoding it.
+
+    Each context is reached once (its state kept: it is fixed-size) and warmed up; then the timed steps go round
+    the contexts one step at a time, so that every context samples the same moments of the machine (its fast and
+    slow spells, which at sub-millisecond steps swing a median by 15-40% from one 100 ms to the next) and the
+    latency ratio between contexts measures the context, not the moment. `reached`: context -> (logits, state)
+    reached by another session (`--reach-with`): decoded from there, so the peak RSS is decode's alone."""
+    rows, warm = [], []
+    points = ((n, 0, 0.0, *reached[n]) for n in sorted(contexts)) if reached else reach(sess, vocab, contexts)
+    while True:
+        resettable = reset_peak()  # before next(): reaching the context happens in there
+        if (point := next(points, None)) is None:
+            break
+        n, fed, feed_s, logits, state = point
         _, step_logits, step_state, _ = _timed_steps(sess, logits, state, 0)   # decode here, for its peak RSS
-        reached.append((step_logits, step_state))
-        rows.append({"context": n, "fed_tokens": max(feed, 0), "feed_s": round(feed_s, 3),
+        warm.append((step_logits, step_state))
+        rows.append({"context": n, "fed_tokens": fed, "feed_s": round(feed_s, 3),
                      "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(), "peak_is_per_context": resettable})
     samples: list[list[float]] = [[] for _ in rows]
     for _ in range(steps):
-        for i, (lg, st) in enumerate(reached):
+        for i, (lg, st) in enumerate(warm):
             got, lg, st, _ = _timed_steps(sess, lg, st, 1, warmup=0)
             samples[i].extend(got)
-            reached[i] = (lg, st)
-    for row, got, (lg, _) in zip(rows, samples, reached):
+            warm[i] = (lg, st)
+    for row, got, (lg, _) in zip(rows, samples, warm):
         row |= {**percentiles(got), "finite": bool(np.isfinite(lg).all())}
         progress(f"context {row['context']}: {row['median_ms']:.3f} ms/token (p90 {row['p90_ms']:.3f}), "
                  f"peak RSS {row['peak_rss_bytes'] / 2**20:.0f} MiB")

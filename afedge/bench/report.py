@@ -15,8 +15,8 @@ def _atomic_write(path: Path, data: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _f(x, fmt: str = ".2f", none: str = "—") -> str:
-    return none if x is None else format(x, fmt)
+def _f(x, fmt: str = ".2f", unit: str = "", none: str = "—") -> str:
+    return none if x is None else format(x, fmt) + unit
 
 
 def _mib(b) -> str:
@@ -42,8 +42,12 @@ def markdown(res: dict) -> str:
     ctxs = sorted(set(s["contexts"]) | set(s.get("reference_contexts") or []))
     lines += [f"Settings: threads {res['runtimes'][0].get('threads') if res['runtimes'] else '?'}, "
               f"{s['steps']} timed steps per context (3 warm-up), prompt {s['prompt_len']} tokens, "
-              f"chunked prefill median of {s['repeats']}.", "",
-              "## Decode and prefill", "",
+              f"chunked prefill median of {s['repeats']}.", ""]
+    if rw := res.get("reached_with"):
+        lines += [f"Decode contexts reached once by **{rw['artifact']}**'s chunked prefill "
+                  f"({sum(x['feed_s'] for x in rw['reached']):.1f} s) and handed to every runtime (`--reach-with`): "
+                  f"the peak RSS per context is decode's alone.", ""]
+    lines += ["## Decode and prefill", "",
               "| runtime | status | decode tok/s | roofline | vs torch eager (decode / best prefill) "
               "| prefill chunked tok/s "
               "| token-by-token tok/s | chunked ÷ tbt | TTFT ms | peak RSS MiB | state KiB | artifact MiB |",
@@ -54,7 +58,7 @@ def markdown(res: dict) -> str:
             + (f": {r['reason']}" if r.get("reason") else "")
         lines.append(
             f"| {r['name']} | {status} | {_f(r.get('decode_tok_s'))} | {_f(r.get('roofline_ratio'), '.1%')} | "
-            f"{_f(up.get('decode'), '.2f')}x / {_f(up.get('prefill'), '.2f')}x | {_f(p.get('chunked_tok_s'), '.1f')} | "
+            f"{_f(up.get('decode'), '.2f', 'x')} / {_f(up.get('prefill'), '.2f', 'x')} | {_f(p.get('chunked_tok_s'), '.1f')} | "
             f"{_f(p.get('token_by_token_tok_s'), '.1f')} | {_f(p.get('speedup'), '.1f')} | "
             f"{_f(r.get('ttft_ms'), '.1f')} | "
             f"{_mib(r.get('peak_rss_bytes'))} | {_f((r.get('state_bytes') or 0) / 1024 or None, '.1f')} | "

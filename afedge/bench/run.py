@@ -9,7 +9,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from afedge.bench.budgets import check
@@ -38,6 +38,7 @@ class Settings:
     on_target: bool = False          # this machine is a device of the bundle's target
     bandwidth_mib: int = 512
     device: str | None = None        # run the artifacts on this device (emu:CPU, adb:SERIAL): afedge.device
+    reach_with: str | None = None    # artifact or runtime whose prefill reaches the decode contexts for every row
 
 
 def _machine() -> dict:
@@ -140,6 +141,28 @@ def _jobs(bundle: Bundle, s: Settings) -> list[tuple[dict, dict]]:
     return jobs
 
 
+def _reach(bundle: Bundle, s: Settings, jobs: list[tuple[dict, dict]], path: Path, progress: Progress,
+           timeout: float | None) -> dict | None:
+    """With `--reach-with`: one worker reaches every decode context (artifacts' and references') with that
+    artifact's prefill and saves the states to `path`; returns its row with the "states" path, or None."""
+    if not s.reach_with:
+        return None
+    art = next((a for a in bundle.artifacts if s.reach_with in (a.name, a.runtime)), None)
+    if art is None:
+        raise ValueError(f"--reach-with {s.reach_with}: not in {bundle.path} (it holds "
+                         f"{', '.join(a.name for a in bundle.artifacts)})")
+    (head, spec), = _jobs(bundle, replace(s, runtimes=[art.name], torch=False, baseline=False, hf=False))
+    if not spec:
+        raise ValueError(f"--reach-with {s.reach_with}: {head['reason']}")
+    contexts = sorted({n for _, sp in jobs if sp.get("kind") in ("artifact", "torch") for n in sp["contexts"]})
+    progress(f"reaching contexts {', '.join(map(str, contexts))} with {art.name}: fresh process")
+    row = _worker(spec | {"kind": "reach", "name": f"reach:{art.name}", "contexts": contexts, "states": str(path)},
+                  timeout)
+    if row.get("status") != "ok":
+        raise RuntimeError(f"--reach-with {art.name}: {row.get('reason')}")
+    return row | {"artifact": art.name, "states": str(path)}
+
+
 def _derive(rows: list[dict], roof: dict) -> None:
     """Per row: decode tok/s at the smallest context, the roofline ratio and the speed-ups over PyTorch eager."""
     def tok_s(row):
@@ -188,15 +211,18 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
     progress("memory bandwidth")
     bw = measure_bandwidth(s.bandwidth_mib)
     roof = roofline(_reference_model(bundle), bundle.info.spec.nbytes, bw["gb_s"]) | {"bandwidth": bw}
-    rows = []
-    for head, spec in _jobs(bundle, s):
-        if spec:
-            progress(f"{head['name']}: fresh process")
-            head = head | _worker(spec, timeout)
-        rows.append(head)
-        if partial is not None:
-            partial.parent.mkdir(parents=True, exist_ok=True)
-            partial.write_text(json.dumps({"roofline": roof, "runtimes": rows, "load": _load()}, indent=1))
+    rows, jobs = [], _jobs(bundle, s)
+    with tempfile.TemporaryDirectory(prefix="afedge-reach-") as tmp:
+        reached = _reach(bundle, s, jobs, Path(tmp) / "reached.safetensors", progress, timeout)
+        for head, spec in jobs:
+            if spec:
+                progress(f"{head['name']}: fresh process")
+                head = head | _worker(spec | ({"reached": reached["states"]} if reached and spec["kind"] in
+                                             ("artifact", "torch") else {}), timeout)
+            rows.append(head)
+            if partial is not None:
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                partial.write_text(json.dumps({"roofline": roof, "runtimes": rows, "load": _load()}, indent=1))
     _derive(rows, roof)
     budgets, budget_file = _budgets(bundle, s)
     on_device = (bundle.target == "host" or s.on_target) and not getattr(_device(s.device), "emulated", False)
@@ -212,6 +238,7 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
         "machine": _machine() | {"load_before": load_before, "load_after": _load(),
                                  "time": time.strftime("%Y-%m-%d %H:%M:%S %z")},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()},
-        "roofline": roof, "runtimes": rows,
+        "roofline": roof, "runtimes": rows, "reached_with": reached and {k: reached[k] for k in ("artifact",
+                                                                                               "reached")},
         "budgets": {"file": budget_file, "table": budgets, "verdicts": [v.to_json() for v in verdicts]},
     }

@@ -1,8 +1,9 @@
 """One measurement in a fresh process, so its RSS is its own: `python -m afedge.bench.worker SPEC.json OUT.json`.
 
 SPEC kinds: "artifact" (one artifact of the bundle through its runtime), "torch" (the bundle's PyTorch reference,
-eager: recurrent step and chunked parallel forms), "baseline" (the KV-cache transformer) and "hf" (transformers'
-own `generate`, for bundles whose manifest says the model was imported from Hugging Face). OUT gets one JSON row.
+eager: recurrent step and chunked parallel forms), "baseline" (the KV-cache transformer), "hf" (transformers'
+own `generate`, for bundles whose manifest says the model was imported from Hugging Face) and "reach" (the decode
+contexts' states, reached by one artifact for the others: `--reach-with`). OUT gets one JSON row.
 Progress lines go to stderr."""
 from __future__ import annotations
 
@@ -19,28 +20,44 @@ def _progress(name: str):
 
 
 def _session_row(sess, spec: dict, progress) -> dict:
-    from afedge.bench.measure import decode_vs_context, growth, prefill_figures
+    from afedge.bench.measure import decode_vs_context, growth, load_reached, prefill_figures
     vocab = sess.info.vocab_size
     prefill, ttft = prefill_figures(sess, vocab, spec["prompt_len"], spec["repeats"], spec["tbt_tokens"], progress)
     prefill_peak = peak_rss_bytes()  # before decode_vs_context resets the high-water mark per context
-    decode = decode_vs_context(sess, vocab, spec["contexts"], spec["steps"], progress)
+    reached = load_reached(spec["reached"], sess.info.spec.names) if spec.get("reached") else None
+    decode = decode_vs_context(sess, vocab, spec["contexts"], spec["steps"], progress, reached)
     return {"prefill": prefill, "ttft_ms": ttft, "decode": decode, "growth": growth(decode),
             "state_bytes": int(sum(a.nbytes for a in sess.init_state())),
             "peak_rss_bytes": max([prefill_peak, *(d["peak_rss_bytes"] for d in decode)])}
 
 
-def run_artifact(spec: dict, progress) -> dict:
+def _open_artifact(spec: dict):
     from afedge.bundle import load_bundle
     from afedge.pipeline import open_session
     bundle = load_bundle(Path(spec["bundle"]))
     art = bundle.artifact(spec["artifact"])
-    t = time.perf_counter()
     if spec.get("device"):
         from afedge.device.devices import parse_device
         from afedge.device.session import open_device_session
-        sess = open_device_session(bundle, art, parse_device(spec["device"]), spec["threads"])
-    else:
-        sess = open_session(bundle, art, spec["threads"])
+        return open_device_session(bundle, art, parse_device(spec["device"]), spec["threads"])
+    return open_session(bundle, art, spec["threads"])
+
+
+def run_reach(spec: dict, progress) -> dict:
+    """Reach every context with one artifact's chunked prefill and save (logits, state) per context to
+    spec["states"], for the other workers to decode from (`afedge bench --reach-with`)."""
+    from afedge.bench.measure import reach, save_reached
+    sess = _open_artifact(spec)
+    points = reach(sess, sess.info.vocab_size, spec["contexts"])
+    rows = save_reached(spec["states"], sess.info.spec.names, points)
+    progress(f"reached {', '.join(str(r['context']) for r in rows)} in {sum(r['feed_s'] for r in rows):.1f} s")
+    sess.close()
+    return {"reached": rows}
+
+
+def run_artifact(spec: dict, progress) -> dict:
+    t = time.perf_counter()
+    sess = _open_artifact(spec)
     row = {"load_s": round(time.perf_counter() - t, 3), "rss_after_load_bytes": rss_bytes()}
     row["session"] = {k: v for k, v in sess.__dict__.items() if k in ("providers", "effective_threads", "opened")}
     row |= _session_row(sess, spec, progress)
@@ -146,7 +163,7 @@ def run_hf(spec: dict, progress) -> dict:
                         "peak_rss_bytes": peak_rss_bytes(), "note": "mean over one generate call"}]}
 
 
-KINDS = {"artifact": run_artifact, "torch": run_torch, "baseline": run_baseline, "hf": run_hf}
+KINDS = {"artifact": run_artifact, "torch": run_torch, "baseline": run_baseline, "hf": run_hf, "reach": run_reach}
 
 
 def main(argv: list[str]) -> int:
