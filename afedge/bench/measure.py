@@ -93,15 +93,13 @@ def decode_vs_context(sess, vocab: int, contexts: list[int], steps: int, progres
     reached by another session (`--reach-with`): decoded from there, so the peak RSS is decode's alone."""
     rows, warm = [], []
     points = ((n, 0, 0.0, *reached[n]) for n in sorted(contexts)) if reached else reach(sess, vocab, contexts)
-    while True:
-        resettable = reset_peak()  # before next(): reaching the context happens in there
-        if (point := next(points, None)) is None:
-            break
-        n, fed, feed_s, logits, state = point
+    resettable = reset_peak()
+    for n, fed, feed_s, logits, state in points:
         _, step_logits, step_state, _ = _timed_steps(sess, logits, state, 0)   # decode here, for its peak RSS
         warm.append((step_logits, step_state))
         rows.append({"context": n, "fed_tokens": fed, "feed_s": round(feed_s, 3),
                      "peak_rss_bytes": peak_rss_bytes(), "rss_bytes": rss_bytes(), "peak_is_per_context": resettable})
+        resettable = reset_peak()  # the next context's peak starts here: the loop's iterator reaches it
     samples: list[list[float]] = [[] for _ in rows]
     for _ in range(steps):
         for i, (lg, st) in enumerate(warm):
