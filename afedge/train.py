@@ -60,7 +60,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     grad_clip: float = 1.0
     chunk_size: int = 64            # chunk of the chunked parallel form during training
-    compile: bool = False           # torch.compile the loss (static shapes; the first step pays the compile)
+    compile: bool = False           # torch.compile the loss (static shapes; the first step pays the compile).
+                                    # Measure first: mamba2 d128 x4 1.36x faster, gated_deltanet 13x slower
     threads: int = 2
     checkpoint_every: int = 200
     out: str = "runs/train"
