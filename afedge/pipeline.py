@@ -55,7 +55,8 @@ def open_session(bundle: Bundle, artifact: Artifact, threads: int | None = None)
     profile = bundle.manifest["target"]["profile"]
     options = profile.get({"onnxruntime": "onnx"}.get(artifact.runtime, artifact.runtime), {})
     files = {m: bundle.file(f) for m, f in artifact.files.items()}
-    return RUNTIMES.get(artifact.runtime)(files, bundle.info, threads or profile["threads"], artifact.arch, options)
+    return RUNTIMES.get(artifact.runtime)(files, bundle.info, threads or profile["threads"], artifact.arch, options,
+                                          tuple(artifact.info.get("cpu_features", ())))
 
 
 def reference_program(bundle: Bundle) -> RecurrentProgram:

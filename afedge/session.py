@@ -100,17 +100,22 @@ class ArtifactSession(Session):
     """A session over exported files. The constructor checks the artifact can run here, then calls `_load`.
 
     files: method -> absolute path (one file may serve both methods); options: the runtime's section of the
-    target profile (e.g. ONNX Runtime providers)."""
+    target profile (e.g. ONNX Runtime providers); cpu_features: the CPU flags its native code was compiled for."""
 
     def __init__(self, files: dict[str, Path], info: ProgramInfo, threads: int = 1, arch: str = "any",
-                 options: dict | None = None) -> None:
+                 options: dict | None = None, cpu_features: tuple[str, ...] = ()) -> None:
         super().__init__(info, threads)
         self.files, self.options = {m: Path(p) for m, p in files.items()}, options or {}
-        from afedge.target import host_arch
+        from afedge.target import host_arch, host_cpu_features
+        name = next(iter(self.files.values())).name
         if arch not in ("any", host_arch()):
-            name = next(iter(self.files.values())).name
             raise RuntimeUnavailable(f"{self.runtime}: {name} is built for {arch}; this machine is "
                                      f"{host_arch()} (run it on the device, or use the bundle's host twin)")
+        have = host_cpu_features()
+        if have is not None and (missing := sorted(set(cpu_features) - have)):  # its code would die of SIGILL
+            raise RuntimeUnavailable(f"{self.runtime}: {name} is compiled for CPU features {', '.join(missing)}, "
+                                     f"which this CPU lacks (/proc/cpuinfo); export it again for a target "
+                                     f"without them")
         self._load()
 
     def _load(self) -> None:

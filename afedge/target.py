@@ -47,6 +47,19 @@ def host_arch() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
+def host_cpu_features(cpuinfo: Path = Path("/proc/cpuinfo")) -> set[str] | None:
+    """This CPU's feature flags (x86 `flags`, ARM `Features` in /proc/cpuinfo); None where they cannot be read."""
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
 def _targets_dir() -> Path:
     return Path(str(resources.files("afedge.targets")))
 

@@ -73,7 +73,8 @@ def test_tvm_host_parity(mixer, tmp_path):
     (art,) = TvmExporter().export(program, load_target("host"), "fp32", tmp_path)
     assert art.name == "tvm-host" and art.arch == "x86_64" and art.files == {"step": "model-x86_64.so",
                                                                             "prefill": "model-x86_64.so"}
-    assert art.info["pipeline"] == "cpu-fast" and art.info["target"] == {"kind": "llvm"}
+    assert art.info["pipeline"] == "cpu-fast" and art.info["target"] == load_target("host").tvm["target"]
+    assert art.info["cpu_features"] == ["avx2", "fma"]
     sess = _session(program, art, tmp_path)
     try:
         _check_parity(program, sess)
