@@ -39,8 +39,8 @@ HOST_TARGET: dict = {"kind": "llvm"}    # the host twin: generic x86-64 (-mcpu=n
 
 # Relax pipelines by name. "cpu-fast" is the default pipeline plus FastMathTransform (a vectorizable polynomial exp,
 # relative error <= 4e-6 against 2e-7 for libm's expf; the whole host parity matrix, 65,536-step drift included,
-# stays within 1.3e-6 of the reference), FuseTransposeMatmul, and three schedules: afedge's NTMatmul, dlight's CPU
-# Reduction and afedge's Elementwise (afedge/tvm_schedule.py). Measured on this 2-core box, 2 threads, host target
+# stays within 1.3e-6 of the reference), FuseTransposeMatmul, and four schedules: afedge's NTMatmul and NNMatmul,
+# dlight's CPU Reduction and afedge's Elementwise (afedge/tvm_schedule.py). Measured on this 2-core box, 2 threads, host target
 # (AVX2 + FMA), against Reduction alone: the demo model's prefill 3,549 -> 21,036 tok/s, decode 1,311 -> 2,651
 # tok/s; one (64 x 768) x (768 x 3072) matmul 69.7 -> 2.2 ms (generic x86-64: 5.1 ms). dlight's CPU GEMV schedule
 # is left out: it vectorizes 128 output lanes over a strided weight gather, slower than NTMatmul and minutes of
@@ -210,14 +210,14 @@ def _bind_late(late_params: dict):
 
 def _pipeline(target, name: str, late_params: dict | None = None):
     """The named Relax pipeline. "cpu-fast": default CPU + FastMathTransform and FuseTransposeMatmul (before
-    legalisation) + NTMatmul, dlight Reduction and Elementwise (after fusion). With `late_params`, they are bound
-    right after the legalisation passes (LegalizeOps ... FoldConstant, FuseOps, FuseTIR), so the dequantization of
-    packed weights stays in the graph."""
+    legalisation) + NTMatmul, NNMatmul, dlight Reduction and Elementwise (after fusion). With `late_params`, they
+    are bound right after the legalisation passes (LegalizeOps ... FoldConstant, FuseOps, FuseTIR), so the
+    dequantization of packed weights stays in the graph."""
     import tvm
     import tvm.s_tir.dlight as dl
     from tvm import relax
 
-    from afedge.tvm_schedule import Elementwise, NTMatmul
+    from afedge.tvm_schedule import Elementwise, NNMatmul, NTMatmul
 
     if name != "cpu-fast" and not late_params:
         return relax.get_default_pipeline(target)
@@ -236,7 +236,7 @@ def _pipeline(target, name: str, late_params: dict | None = None):
                 + backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
                 + late
-                + ([dl.ApplyDefaultSchedule(NTMatmul(), dl.cpu.Reduction(), Elementwise())] if fast else [])
+                + ([dl.ApplyDefaultSchedule(NTMatmul(), NNMatmul(), dl.cpu.Reduction(), Elementwise())] if fast else [])
                 + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target))
             return seq(mod)

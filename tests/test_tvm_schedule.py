@@ -23,6 +23,17 @@ class _Linear(torch.nn.Module):
         return torch.relu(self.lin(x))  # bias + relu: injective epilogues after the matmul
 
 
+class _Project(torch.nn.Module):
+    """x @ W with W stored (K, N): the layout the export leaves for a Linear on a transposed activation."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.randn(k, n) / k ** 0.5), torch.nn.Parameter(torch.randn(n))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x @ self.w + self.b)
+
+
 class _Gate(torch.nn.Module):
     def forward(self, a: torch.Tensor, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.exp(-torch.abs(a)) * h + u  # a decayed multiply-add: one injective kernel
@@ -90,11 +101,30 @@ def test_the_shipping_pipeline_vectorizes_and_parallelizes_linear(rows):
     assert "T.parallel" in script and "T.vectorized" in script, f"{name} left unscheduled"
 
 
+@pytest.mark.parametrize("rows", [1, 64], ids=["decode-gemv", "prefill-block"])
+def test_the_shipping_pipeline_schedules_a_kn_weight_matmul(rows):
+    tir = _lowered(_Project(128, 80), torch.randn(1, rows, 128))
+    (name, script), = ((n, s) for n, s in tir.items() if "matmul" in n)
+    assert "T.parallel" in script and "T.vectorized" in script, f"{name} left unscheduled"
+    assert 'scope="local"' in script, f"{name}: no register tile of accumulators"
+
+
+@pytest.mark.parametrize("shape", [(1, 128, 80), (64, 48, 96), (6, 256, 32)], ids=str)
+def test_scheduled_kn_matmul_equals_torch(shape):
+    rows, k, n = shape
+    torch.manual_seed(0)
+    model, x = _Project(k, n).eval(), torch.randn(1, rows, k)
+    assert _scheduled(*_legalized(model, x), rule="NNMatmul")
+    assert max_rel(_compiled(model, x), model(x).detach().numpy()) <= TOL.max_rel
+
+
 def test_a_batched_matmul_and_a_ragged_k_are_left_to_the_other_rules():
     mod, target = _legalized(_Batched(), torch.randn(4, 16, 32), torch.randn(4, 8, 32))
     assert _scheduled(mod, target) == {}
     mod, target = _legalized(_Linear(30, 96), torch.randn(1, 8, 30))  # K = 30: not a multiple of the lanes
     assert _scheduled(mod, target) == {}
+    mod, target = _legalized(_Project(64, 20), torch.randn(1, 8, 64))  # N = 20: not a multiple of 2 vectors
+    assert _scheduled(mod, target, rule="NNMatmul") == {}
 
 
 @pytest.mark.parametrize("shape", [(1, 128, 96), (64, 128, 90), (6, 256, 7)], ids=str)
