@@ -9,7 +9,7 @@ columns for prefill blocks, 1 x 4 for a decode GEMV: 12 or 4 accumulators, fewer
 of AVX2 / NEON) and the column tiles run in parallel. Weight rows stream contiguously, which is what a
 memory-bound decode step needs. Static shapes only, K a multiple of the lane count; anything else (batched
 matmuls, dequantizing matmuls, dynamic shapes) is left to the other rules. Injective epilogues (bias, activation,
-residual) are computed per output tile.
+residual) are computed per output tile when each reads the matmul's output at its own index (`_pointwise`).
 
 `NNMatmul` takes C = A @ B where B is stored (K, N), the layout the export leaves for a Linear applied to a
 transposed activation (Mamba's x_proj and dt_proj): columns in vectors, a 4 x 16 accumulator tile in registers.
@@ -26,8 +26,8 @@ import math
 
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
-from tvm.s_tir.schedule import ScheduleError
 from tvm.s_tir.dlight.cpu.base import CPUScheduleRule
+from tvm.s_tir.schedule import ScheduleError
 from tvm.target import Target
 
 ROWS, COLS, GEMV_COLS = 4, 3, 4  # output tile: rows x columns (prefill), columns (one row: decode)
@@ -57,6 +57,36 @@ def _indexed_by(region, names: list) -> bool:
             and all(isinstance(x, tirx.Var) and x.same_as(v) for x, v in zip(tail, names, strict=True)))
 
 
+def _same_index(a, b) -> bool:
+    """The same block var, or the same constant."""
+    if isinstance(a, tirx.IntImm) and isinstance(b, tirx.IntImm):
+        return int(a) == int(b)
+    return isinstance(a, tirx.Var) and a.same_as(b)
+
+
+def _pointwise(sch: s_tir.Schedule, infos: list) -> bool:
+    """Whether every epilogue reads what the matmul (or an earlier epilogue) wrote, and only at the index it
+    writes. Computed per output tile under the parallel loop, an epilogue reading other columns (a split of the
+    output into halves) would read outputs another tile has not written yet, and one reading only inputs would be
+    computed whole by every thread into one shared buffer (mega's step did: a race)."""
+    produced = [sch.get(infos[0].block_rv).writes[0].source]
+    for info in infos[1:]:
+        block = sch.get(info.block_rv)
+        if len(block.writes) != 1:
+            return False
+        at = block.writes[0].region
+        chained = [r for r in block.reads if any(r.source.same_as(b) for b in produced)]
+        if not chained:  # an independent block (an input's sigmoid) would run whole in every tile, racing
+            return False
+        for read in chained:
+            if not (len(read.region) == len(at)
+                    and all(_same_index(r.min, w.min) and int(r.extent) == int(w.extent) == 1
+                            for r, w in zip(read.region, at))):
+                return False
+        produced.append(block.writes[0].source)
+    return True
+
+
 def _fuse_epilogues(sch: s_tir.Schedule, epilogues: list, loop) -> bool:
     """Compute each injective epilogue (bias, activation, residual) per output tile, under `loop`, vectorized."""
     try:
@@ -78,7 +108,7 @@ class NTMatmul(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos or infos[0].dom_kind() not in ("SR", "SSR") or not infos[0].is_reduction():
             return None
-        if not all(b.is_injective() for b in infos[1:]):
+        if not all(b.is_injective() for b in infos[1:]) or not _pointwise(sch, infos):
             return None
         main = infos[0].block_rv
         block = sch.get(main)
@@ -127,7 +157,7 @@ class NNMatmul(CPUScheduleRule):
         infos = normalize_prim_func(sch)
         if not infos or infos[0].dom_kind() not in ("SR", "SSR") or not infos[0].is_reduction():
             return None
-        if not all(b.is_injective() for b in infos[1:]):
+        if not all(b.is_injective() for b in infos[1:]) or not _pointwise(sch, infos):
             return None
         main = infos[0].block_rv
         block = sch.get(main)

@@ -40,11 +40,11 @@ HOST_TARGET: dict = {"kind": "llvm"}    # the host twin: generic x86-64 (-mcpu=n
 # Relax pipelines by name. "cpu-fast" is the default pipeline plus FastMathTransform (a vectorizable polynomial exp,
 # relative error <= 4e-6 against 2e-7 for libm's expf; the whole host parity matrix, 65,536-step drift included,
 # stays within 1.3e-6 of the reference), FuseTransposeMatmul, and four schedules: afedge's NTMatmul and NNMatmul,
-# dlight's CPU Reduction and afedge's Elementwise (afedge/tvm_schedule.py). Measured on this 2-core box, 2 threads, host target
-# (AVX2 + FMA), against Reduction alone: the demo model's prefill 3,549 -> 21,036 tok/s, decode 1,311 -> 2,651
-# tok/s; one (64 x 768) x (768 x 3072) matmul 69.7 -> 2.2 ms (generic x86-64: 5.1 ms). dlight's CPU GEMV schedule
-# is left out: it vectorizes 128 output lanes over a strided weight gather, slower than NTMatmul and minutes of
-# LLVM time.
+# dlight's CPU Reduction and afedge's Elementwise (afedge/tvm_schedule.py). Measured on this 2-core box, 2
+# threads, host target (AVX2 + FMA), against Reduction alone: the demo model's prefill 3,549 -> 22,741 tok/s and
+# decode 1,311 -> 2,693 tok/s; the 130M Mamba's prefill 19.7 -> 489.7 and decode 14.6 -> 48.3 tok/s; one
+# (64 x 768) x (768 x 3072) matmul 69.7 -> 2.2 ms (generic x86-64: 5.1 ms). dlight's CPU GEMV schedule is left
+# out: it vectorizes 128 output lanes over a strided weight gather, slower than NTMatmul and minutes of LLVM time.
 PIPELINES = ("cpu-fast", "cpu-default", "gpu-default")
 
 

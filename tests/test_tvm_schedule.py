@@ -34,6 +34,17 @@ class _Project(torch.nn.Module):
         return torch.relu(x @ self.w + self.b)
 
 
+class _Mixed(torch.nn.Module):
+    """A Linear's epilogue that also takes an independent input's sigmoid (mega's gate), fused into one kernel."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(k, n)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.lin(x)) * torch.sigmoid(y)
+
+
 class _Gate(torch.nn.Module):
     def forward(self, a: torch.Tensor, h: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         return torch.exp(-torch.abs(a)) * h + u  # a decayed multiply-add: one injective kernel
@@ -85,9 +96,13 @@ def _lowered(model: torch.nn.Module, *args: torch.Tensor) -> dict[str, str]:
 
 
 def _compiled(model: torch.nn.Module, *args: torch.Tensor) -> np.ndarray:
+    """The module compiled by `compile_module`, run with 2 threads (so a race between tiles shows)."""
+    from afedge.runtimes.tvm import _set_threads, prime_thread_env
+    prime_thread_env()
     import tvm
     from tvm import relax
     from tvm.relax.frontend.torch import from_exported_program
+    _set_threads(tvm, 2)
     ex, _ = compile_module(from_exported_program(torch.export.export(model.eval(), args)), {"kind": "llvm"})
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a.numpy()) for a in args))
     return (out[0] if not hasattr(out, "numpy") else out).numpy()
@@ -143,3 +158,12 @@ def test_elementwise_kernels_are_vectorized_and_equal_torch():
     assert any("T.vectorized" in s for s in tir.values()), f"no vectorized kernel in {sorted(tir)}"
     assert _scheduled(*_legalized(_Gate(), *args), rule="Elementwise")
     assert max_rel(_compiled(_Gate(), *args), _Gate()(*args).numpy()) <= TOL.max_rel
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["decode-gemv", "prefill-block"])
+def test_an_epilogue_block_of_inputs_only_is_not_computed_per_tile(rows):
+    """Every tile's thread would compute sigmoid(y) whole into one shared buffer: a race (mega's step, 2 threads)."""
+    torch.manual_seed(0)
+    model, x, y = _Mixed(64, 48).eval(), torch.randn(rows, 64), torch.randn(rows, 48)  # 2-D: no reshape between
+    for _ in range(3):
+        assert max_rel(_compiled(model, x, y), model(x, y).detach().numpy()) <= TOL.max_rel
