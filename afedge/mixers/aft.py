@@ -35,23 +35,24 @@ class AFTSimple(Mixer):
         return [StateSlot("num", (batch, d), note="sum e^(k - max) v"), StateSlot("den", (batch, d)),
                 StateSlot("max", (batch, d), init=NEG, note="running max of the log-weights")]
 
-    def rate(self, dtype: torch.dtype) -> Tensor:
-        """The per-channel decay rate lambda (A,): zero for AFT-simple."""
-        return torch.zeros(self.d_model, dtype=dtype, device=self.q_proj.weight.device)
+    def rate(self, x: Tensor) -> Tensor:
+        """The per-channel decay rate lambda (A,) in x's dtype and device: zero for AFT-simple (taken from x, not
+        from a projection's weight, which a quantized copy stores as integers)."""
+        return x.new_zeros(self.d_model)
 
     def forward(self, x: Tensor, state: State, chunk_size: int | None = None) -> tuple[Tensor, State]:
-        lam = self.rate(x.dtype)
+        lam = self.rate(x)
         y, state = wkv_parallel(lam, lam, self.k_proj(x), self.v_proj(x), tuple(state), chunk_size)
         return self.o_proj(torch.sigmoid(self.q_proj(x)) * y), state
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        lam = self.rate(x.dtype)
+        lam = self.rate(x)
         y, state = wkv_step(lam, lam, self.k_proj(x), self.v_proj(x), tuple(state))
         return self.o_proj(torch.sigmoid(self.q_proj(x)) * y), state
 
     def naive(self, x: Tensor) -> Tensor:
         """Literally the defining causal average (WKV's naive form with u = w = lambda)."""
-        lam = self.rate(x.dtype)
+        lam = self.rate(x)
         return self.o_proj(torch.sigmoid(self.q_proj(x)) * wkv_naive(lam, lam, self.k_proj(x), self.v_proj(x)))
 
 
@@ -65,5 +66,5 @@ class AFTDecay(AFTSimple):
         # rates spread geometrically from max_rate (a window of ~1 token) to min_rate (~1000 tokens)
         self.log_decay = nn.Parameter(torch.linspace(math.log(max_rate), math.log(min_rate), d_model))
 
-    def rate(self, dtype: torch.dtype) -> Tensor:
+    def rate(self, x: Tensor) -> Tensor:
         return torch.exp(self.log_decay)

@@ -43,6 +43,20 @@ QUANT_GAPS: dict[tuple[str, str, str], str] = {
                                   "layers.1.ssm state is 1.02 max_rel from the fp32 reference (> 0.3), as ORT's; "
                                   "logits stay within the int4 bound",
 }
+# Measured (stop 17, the slow host matrix): int4 weights on these random-init tiny models (d_model 32) put the
+# logits' SQNR just under issue 6's 20 dB; ORT and TVM land on the same figure (the int4 grid, not the runtime).
+INT4_SQNR_DB: dict[tuple[str, str, str], float] = {
+    ("gla", "onnx", "int4-g32"): 19.8, ("gla", "tvm", "int4-g32"): 19.8,
+    ("hgrn2", "onnx", "int4-g32"): 10.3, ("hgrn2", "tvm", "int4-g32"): 10.3,
+    ("hyena", "onnx", "int4-g32"): 18.7, ("hyena", "tvm", "int4-g32"): 18.6,
+    ("mamba2", "onnx", "int4-g32"): 19.0, ("mamba2", "tvm", "int4-g32"): 19.0,
+    ("mega", "onnx", "int4-g32"): 19.9, ("mega", "tvm", "int4-g32"): 19.9,
+    ("gated_deltanet", "executorch", "8da4w"): 18.9, ("hgrn2", "executorch", "8da4w"): 19.1,
+    ("hyena", "executorch", "8da4w"): 18.9, ("mamba2", "executorch", "8da4w"): 19.1,
+    ("mega", "executorch", "8da4w"): 18.0, ("synthesizer_dense", "executorch", "8da4w"): 19.5,
+}
+QUANT_GAPS |= {k: f"int4 weights: logits SQNR {db} dB < 20 dB on this random-init d_model-32 model"
+               for k, db in INT4_SQNR_DB.items()}
 
 
 @cache
