@@ -98,28 +98,38 @@ def _fuse_epilogues(sch: s_tir.Schedule, epilogues: list, loop) -> bool:
     return True
 
 
+def _matmul(rule: CPUScheduleRule, func: tirx.PrimFunc, target: Target, weight_nk: bool):
+    """(schedule, block infos, row vars, loops, extents) for a static-shape matmul C[i, j] = sum_k A[i, k] W,
+    W indexed [j, k] (`weight_nk`) or [k, j], followed by pointwise injective epilogues; None for anything else."""
+    if not isinstance(func, tirx.PrimFunc) or not rule.is_target_available(target):
+        return None
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if not infos or infos[0].dom_kind() not in ("SR", "SSR") or not infos[0].is_reduction():
+        return None
+    if not all(b.is_injective() for b in infos[1:]) or not _pointwise(sch, infos):
+        return None
+    block = sch.get(infos[0].block_rv)
+    *rows, j, k = [iv.var for iv in block.iter_vars]
+    if len(block.reads) != 2 or not (_indexed_by(block.reads[0].region, [*rows, k])
+                                     and _indexed_by(block.reads[1].region, [j, k] if weight_nk else [k, j])):
+        return None
+    loops = sch.get_loops(infos[0].block_rv)
+    extents = [_extent(sch, loop) for loop in loops]
+    return None if None in extents else (sch, infos, rows, loops, extents)
+
+
 class NTMatmul(CPUScheduleRule):
     """C[i, j] = sum_k A[i, k] W[j, k] (dom kinds SSR, or SR for one row) plus injective epilogues."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = _matmul(self, func, target, weight_nk=True)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos or infos[0].dom_kind() not in ("SR", "SSR") or not infos[0].is_reduction():
-            return None
-        if not all(b.is_injective() for b in infos[1:]) or not _pointwise(sch, infos):
-            return None
+        sch, infos, rows, loops, extents = found
         main = infos[0].block_rv
-        block = sch.get(main)
-        *rows, j, k = [iv.var for iv in block.iter_vars]
-        if len(block.reads) != 2 or not (_indexed_by(block.reads[0].region, [*rows, k])
-                                         and _indexed_by(block.reads[1].region, [j, k])):
-            return None
-        loops = sch.get_loops(main)
-        extents = [_extent(sch, loop) for loop in loops]
         width = lanes(target)
-        if None in extents or extents[-1] % width:
+        if extents[-1] % width:
             return None
         _, kv = sch.split(loops[-1], [None, width])
         rf = sch.rfactor(kv, factor_axis=0)  # rf block: acc[kv, i, j] over ko; `main` now sums acc over kv
@@ -151,24 +161,13 @@ class NNMatmul(CPUScheduleRule):
     transposed): columns in vectors, a rows x (2 vectors) accumulator tile cached locally over the k loop."""
 
     def apply(self, func: tirx.PrimFunc, target: Target, _tunable: bool) -> s_tir.Schedule | None:
-        if not isinstance(func, tirx.PrimFunc) or not self.is_target_available(target):
+        found = _matmul(self, func, target, weight_nk=False)
+        if found is None:
             return None
-        sch = s_tir.Schedule(func)
-        infos = normalize_prim_func(sch)
-        if not infos or infos[0].dom_kind() not in ("SR", "SSR") or not infos[0].is_reduction():
-            return None
-        if not all(b.is_injective() for b in infos[1:]) or not _pointwise(sch, infos):
-            return None
+        sch, infos, rows, loops, extents = found
         main = infos[0].block_rv
-        block = sch.get(main)
-        *rows, j, k = [iv.var for iv in block.iter_vars]
-        if len(block.reads) != 2 or not (_indexed_by(block.reads[0].region, [*rows, k])
-                                         and _indexed_by(block.reads[1].region, [k, j])):
-            return None
-        loops = sch.get_loops(main)
-        extents = [_extent(sch, loop) for loop in loops]
         width = 2 * lanes(target)
-        if None in extents or extents[-2] % width:
+        if extents[-2] % width:
             return None
         jo, jv = sch.split(loops[-2], [None, width])
         if rows:
