@@ -217,10 +217,9 @@ def _pipeline(target, name: str, late_params: dict | None = None):
     import tvm.s_tir.dlight as dl
     from tvm import relax
 
-    from afedge.tvm_schedule import Elementwise, NNMatmul, NTMatmul
-
     if name != "cpu-fast" and not late_params:
         return relax.get_default_pipeline(target)
+    from afedge.tvm_schedule import Elementwise, NNMatmul, NTMatmul
     if name == "gpu-default":
         from tvm.relax.backend.cuda import pipeline as backend
     else:
