@@ -219,13 +219,16 @@ def _pipeline(target, name: str, late_params: dict | None = None):
 
     if name != "cpu-fast" and not late_params:
         return relax.get_default_pipeline(target)
-    from afedge.tvm_schedule import Elementwise, NNMatmul, NTMatmul
+    from afedge.tvm_schedule import Elementwise, NNMatmul, NTMatmul, RowReduction
     if name == "gpu-default":
         from tvm.relax.backend.cuda import pipeline as backend
     else:
         from tvm.relax.backend.cpu_generic import pipeline as backend
     fast = name == "cpu-fast"
     late = [_bind_late(late_params)] if late_params else []
+    if fast and late_params:  # the decode step's matmuls read the integers themselves (afedge/tvm_dequant.py)
+        from afedge.tvm_dequant import fuse_dequant_matmul
+        late.append(fuse_dequant_matmul())
 
     @tvm.transform.module_pass(opt_level=0)
     def _passes(mod, _ctx):
@@ -235,7 +238,7 @@ def _pipeline(target, name: str, late_params: dict | None = None):
                 + backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
                 + late
-                + ([dl.ApplyDefaultSchedule(NTMatmul(), NNMatmul(), dl.cpu.Reduction(), Elementwise())] if fast else [])
+                + ([dl.ApplyDefaultSchedule(NTMatmul(), NNMatmul(), RowReduction(), dl.cpu.Reduction(), Elementwise())] if fast else [])
                 + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target))
             return seq(mod)

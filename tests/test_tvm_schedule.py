@@ -9,6 +9,7 @@ pytest.importorskip("tvm")
 
 from afedge.exporters.tvm import compile_module  # noqa: E402
 from afedge.parity.metrics import max_rel  # noqa: E402
+from afedge.quant.weights import QuantLinear  # noqa: E402
 from afedge.tolerances import tolerance  # noqa: E402
 
 TOL = tolerance("fp32")
@@ -50,6 +51,37 @@ class _Gate(torch.nn.Module):
         return torch.exp(-torch.abs(a)) * h + u  # a decayed multiply-add: one injective kernel
 
 
+class _QLinear(torch.nn.Module):
+    """A quantized Linear (weights int8 per channel, or int4 in groups) + relu, as the TVM exporter gets it."""
+
+    def __init__(self, k: int, n: int, bits: int, group: int) -> None:
+        super().__init__()
+        self.lin = QuantLinear(torch.nn.Linear(k, n), bits, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.lin(x))
+
+
+class _QResidual(torch.nn.Module):
+    """A quantized projection onto a residual stream (out_proj): its epilogue takes the scales and the residual."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.lin = QuantLinear(torch.nn.Linear(k, n, bias=False), 8, 0)
+
+    def forward(self, x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        return r + self.lin(x)
+
+
+class _RMSNorm(torch.nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.rand(d) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * self.w
+
+
 class _Batched(torch.nn.Module):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b.transpose(1, 2))  # (H, M, K) x (H, N, K): a batched matmul, not this rule's
@@ -83,15 +115,30 @@ def _scheduled(mod, target, rule: str = "NTMatmul") -> dict[str, str]:
     return out
 
 
+def _imported(model: torch.nn.Module, *args: torch.Tensor):
+    """(Relax module, late integer params or None) as the exporter imports it: a model holding QuantLinear keeps
+    its integers unbound until after constant folding (`import_quantized`)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.torch import from_exported_program
+
+    from afedge.exporters.tvm import _bind_float_params
+    quantized = any(isinstance(m, QuantLinear) for m in model.modules())
+    mod = from_exported_program(torch.export.export(model.eval(), args), keep_params_as_input=quantized)
+    if not quantized:
+        return mod, None
+    func, ints = _bind_float_params(relax, mod, len(args))
+    return tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), {"main": ints}
+
+
 def _lowered(model: torch.nn.Module, *args: torch.Tensor) -> dict[str, str]:
     """{PrimFunc name: TIR} after `compile_module`'s "cpu-fast" passes."""
     import tvm
     from tvm import tirx
-    from tvm.relax.frontend.torch import from_exported_program
 
     from afedge.exporters.tvm import _pipeline
-    lowered = _pipeline(tvm.target.Target({"kind": "llvm"}), "cpu-fast")(
-        from_exported_program(torch.export.export(model.eval(), args)))
+    mod, late = _imported(model, *args)
+    lowered = _pipeline(tvm.target.Target({"kind": "llvm"}), "cpu-fast", late)(mod)
     return {gv.name_hint: f.script() for gv, f in lowered.functions.items() if isinstance(f, tirx.PrimFunc)}
 
 
@@ -101,9 +148,9 @@ def _compiled(model: torch.nn.Module, *args: torch.Tensor) -> np.ndarray:
     prime_thread_env()
     import tvm
     from tvm import relax
-    from tvm.relax.frontend.torch import from_exported_program
     _set_threads(tvm, 2)
-    ex, _ = compile_module(from_exported_program(torch.export.export(model.eval(), args)), {"kind": "llvm"})
+    mod, late = _imported(model, *args)
+    ex, _ = compile_module(mod, {"kind": "llvm"}, late_params=late)
     out = relax.VirtualMachine(ex, tvm.cpu())["main"](*(tvm.runtime.tensor(a.numpy()) for a in args))
     return (out[0] if not hasattr(out, "numpy") else out).numpy()
 
@@ -167,3 +214,56 @@ def test_an_epilogue_block_of_inputs_only_is_not_computed_per_tile(rows):
     model, x, y = _Mixed(64, 48).eval(), torch.randn(rows, 64), torch.randn(rows, 48)  # 2-D: no reshape between
     for _ in range(3):
         assert max_rel(_compiled(model, x, y), model(x, y).detach().numpy()) <= TOL.max_rel
+
+
+@pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4-g32"])
+def test_a_decode_matmul_reads_the_quantized_weight_itself(bits):
+    """Decode: the dequantization is fused into the scheduled GEMV, which reads the integers (no fp32 copy of the
+    weight is written); a prefill block keeps one dequantizing kernel and reads its fp32 output."""
+    torch.manual_seed(0)
+    model = _QLinear(128, 96, bits, 32 if bits == 4 else 0)
+    stored = '"int8"' if bits == 8 else '"uint8"'
+    for rows, fused in ((1, True), (64, False)):
+        tir = _lowered(model, torch.randn(1, rows, 128))
+        (name, script), = ((n, s) for n, s in tir.items() if "matmul" in n)
+        assert "T.parallel" in script and "T.vectorized" in script, f"{name} left unscheduled"
+        assert (stored in script) is fused, f"rows {rows}: {name} {'does not read' if fused else 'reads'} {stored}"
+        assert any(stored in s for s in tir.values())
+
+
+@pytest.mark.parametrize(("bits", "group", "rows"), [(8, 0, 1), (4, 32, 1), (4, 0, 1), (8, 0, 6)], ids=str)
+def test_fused_dequantizing_matmul_equals_torch(bits, group, rows):
+    """int8 per channel, int4 in groups of 32 and int4 with one group per row, through the shipping pipeline with
+    2 threads: the library equals the QuantLinear's own torch output within the fp32 table."""
+    torch.manual_seed(0)
+    model, x = _QLinear(256, 96, bits, group).eval(), torch.randn(1, rows, 256)
+    assert max_rel(_compiled(model, x), model(x).detach().numpy()) <= TOL.max_rel
+
+
+@pytest.mark.parametrize("rows", [1, 6])
+def test_a_quantized_projection_onto_the_residual_is_fused_and_equals_torch(rows):
+    """The matmul's epilogue (scale, residual) adds inputs after (x, w): the fusion still takes it (decode)."""
+    torch.manual_seed(0)
+    model, x, r = _QResidual(128, 64).eval(), torch.randn(rows, 128), torch.randn(rows, 64)  # 2-D: epilogue fuses
+    (script,) = (s for n, s in _lowered(model, x, r).items() if "matmul" in n)
+    assert ('"int8"' in script) is (rows == 1)
+    assert max_rel(_compiled(model, x, r), model(x, r).detach().numpy()) <= TOL.max_rel
+
+
+@pytest.mark.parametrize("rows", [1, 64], ids=["decode", "prefill-block"])
+def test_a_norm_sums_each_row_once(rows):
+    """RowReduction takes RMS norm: one row's sum in vector partial sums (not once per output element, as dlight's
+    CPU Reduction did for a single row), rows in parallel."""
+    x = torch.randn(1, rows, 128)
+    assert _scheduled(*_legalized(_RMSNorm(128), x), rule="RowReduction")
+    (name, script), = ((n, s) for n, s in _lowered(_RMSNorm(128), x).items() if "mean" in n)
+    assert "_rf" in script and "T.vectorized" in script, f"{name}: no vector partial sums"
+    assert ("T.parallel" in script) is (rows > 1), name
+
+
+@pytest.mark.parametrize("shape", [(1, 128), (64, 128), (5, 30)], ids=str)
+def test_scheduled_norm_equals_torch(shape):
+    rows, d = shape
+    torch.manual_seed(0)
+    model, x = _RMSNorm(d).eval(), torch.randn(1, rows, d) * 3
+    assert max_rel(_compiled(model, x), model(x).detach().numpy()) <= TOL.max_rel

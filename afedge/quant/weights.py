@@ -65,7 +65,8 @@ def unpack_int4(p: Tensor) -> Tensor:
 class QuantLinear(nn.Module):
     """A Linear whose weight is stored quantized (int8, or int4 packed in uint8) with fp32 scales.
 
-    forward(x (..., K)) -> (..., N): dequantize (in the graph) then an fp32 matmul."""
+    forward(x (..., K)) -> (..., N): dequantize (in the graph) then an fp32 matmul; with one scale per output row
+    (int8 per channel) the scale multiplies the matmul's output instead, so a fused kernel only casts the weight."""
 
     def __init__(self, linear: nn.Linear, bits: int, group: int = 0) -> None:
         super().__init__()
@@ -82,6 +83,10 @@ class QuantLinear(nn.Module):
         return dequantize(q, self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.scale.shape[1] == 1:  # one scale per output row: it factors out of the sum, (x @ q^T) * scale
+            q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+            y = F.linear(x, q.to(torch.float32)) * self.scale[:, 0]
+            return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight(), self.bias)
 
     def extra_repr(self) -> str:
