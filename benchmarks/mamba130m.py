@@ -24,7 +24,8 @@ SHAPE = {"vocab_size": 50280, "d_model": 768, "n_layers": 24, "mixer": "mamba", 
          "mixer_kwargs": {"d_state": 16, "expand": 2, "d_conv": 4}}
 
 
-def export(out: Path, runtimes: list[str], scan: str, prefill_len: int, chunk: int, steps: int) -> dict:
+def export(out: Path, runtimes: list[str], scan: str, prefill_len: int, chunk: int, steps: int,
+           quant: str | None) -> dict:
     """Export the bundle (if it is not there yet); returns per-runtime export seconds."""
     from afedge import LM, LMConfig, to_recurrent
     from afedge.pipeline import export_bundle
@@ -45,7 +46,7 @@ def export(out: Path, runtimes: list[str], scan: str, prefill_len: int, chunk: i
     with tempfile.TemporaryDirectory() as tmp:  # random weights: the byte tokenizer (ids 0..255 of the 50280)
         tok = Path(tmp) / "tokenizer.json"
         byte_tokenizer().save(str(tok))
-        export_bundle(program, load_target("host"), out, runtimes, verify=True, steps=steps, progress=progress,
+        export_bundle(program, load_target("host"), out, runtimes, quant, verify=True, steps=steps, progress=progress,
                       tokenizer=tok, source={"kind": "benchmark", "script": "benchmarks/mamba130m.py",
                                              "shape": SHAPE, "scan": scan})
     progress("done")
@@ -58,6 +59,7 @@ def main() -> None:
     ap.add_argument("--scan", default="sequential", choices=("sequential", "segsum"))
     ap.add_argument("--prefill-len", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=16)
+    ap.add_argument("--quant", help="quantization scheme (default: the host profile's, fp32), e.g. int8")
     ap.add_argument("--bundle", type=Path, help="bundle directory (default out/bench/mamba130m-<scan>)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report directory")
     ap.add_argument("--name", help="report name (default mamba130m, or mamba130m-segsum)")
@@ -66,15 +68,16 @@ def main() -> None:
     ap.add_argument("bench_args", nargs=argparse.REMAINDER,
                     help="after --: arguments for `afedge bench` (default: its defaults)")
     a = ap.parse_args()
-    bundle = a.bundle or ROOT / "out" / "bench" / f"mamba130m-{a.scan}"
+    suffix = a.scan + (f"-{a.quant}" if a.quant else "")
+    bundle = a.bundle or ROOT / "out" / "bench" / f"mamba130m-{suffix}"
     if not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
-        times = export(bundle, a.runtimes.split(","), a.scan, a.prefill_len, a.chunk_size, a.gate_steps)
+        times = export(bundle, a.runtimes.split(","), a.scan, a.prefill_len, a.chunk_size, a.gate_steps, a.quant)
         print(json.dumps({"export_s": times, "total_s": round(time.perf_counter() - t, 1),
                           "load_average": os.getloadavg()}), flush=True)
     if a.export_only:
         return
-    name = a.name or ("mamba130m" if a.scan == "sequential" else f"mamba130m-{a.scan}")
+    name = a.name or ("mamba130m" if suffix == "sequential" else f"mamba130m-{suffix}")
     from afedge.cli import main as afedge
     extra = [x for x in a.bench_args if x != "--"]
     sys.exit(afedge(["bench", str(bundle), "--out", str(a.results / f"{name}.md"), *extra]))

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from afedge.bench import measure
 from afedge.bench.baseline import KVCacheTransformer, baseline_for, matched_mlp_hidden
 from afedge.bench.budgets import BUDGET_KEYS, check
-from afedge.bench.roofline import weight_bytes_per_token
+from afedge.bench.roofline import artifact_roofline, roofline, weight_bytes_per_token
 from afedge.model import LM, LMConfig
 from afedge.session import ProgramInfo, Session
 from afedge.state import StateSlot, StateSpec
@@ -127,3 +127,16 @@ def test_decode_goes_round_the_contexts_step_by_step(monkeypatch, busy):
     medians = [r["median_ms"] for r in rows]
     assert max(medians) / min(medians) <= 1.05, medians
     assert measure.growth(rows)["latency"] == 1.0
+
+
+@pytest.mark.parametrize(("head", "tied"), [("int8", True), ("fp32", True), ("int8", False)])
+def test_a_quantized_artifact_is_bounded_by_its_own_weight_bytes(head, tied):
+    """A quantized file's bytes, less the fp32 embedding but one row (unless an fp32 tied head reads it whole)."""
+    model = LM(LMConfig(vocab_size=256, d_model=32, n_layers=1, mixer="retnet", tie_embeddings=tied))
+    roof = roofline(model, 1000, 10.0)
+    embed = 256 * 32 * 4
+    q = artifact_roofline(roof, {"scheme": "int8", "weight_bytes": 50_000, "policy": {"head": head}}, model)
+    read = 50_000 if (tied and head == "fp32") else 50_000 - embed + 32 * 4
+    assert q["weight_bytes_per_token"] == read and q["bytes_per_token"] == read + 2000
+    assert q["decode_upper_bound_tok_s"] == round(10e9 / (read + 2000), 2)
+    assert artifact_roofline(roof, {"scheme": "fp32", "weight_bytes": 50_000}, model) is None

@@ -37,7 +37,11 @@ def markdown(res: dict) -> str:
              "",
              f"Roofline: {roof['bandwidth']['method']}: **{roof['bandwidth_gb_s']} GB/s**; a decode step reads "
              f"{roof['weight_bytes_per_token'] / 1e6:.1f} MB of weights + {roof['state_bytes_per_token'] / 1e6:.2f} MB "
-             f"of state -> upper bound **{roof['decode_upper_bound_tok_s']} tok/s**.", ""]
+             f"of state -> upper bound **{roof['decode_upper_bound_tok_s']} tok/s**."
+             + "".join(f" {r['name']} ({q['scheme']}): {q['weight_bytes_per_token'] / 1e6:.1f} MB -> "
+                       f"**{q['decode_upper_bound_tok_s']} tok/s**."
+                       for r in res["runtimes"] if (q := r.get("roofline"))),
+             ""]
     s = res["settings"]
     ctxs = sorted(set(s["contexts"]) | set(s.get("reference_contexts") or []))
     lines += [f"Settings: threads {res['runtimes'][0].get('threads') if res['runtimes'] else '?'}, "

@@ -47,3 +47,17 @@ def roofline(model, state_bytes: int, bandwidth_gb_s: float) -> dict:
     return {"bandwidth_gb_s": bandwidth_gb_s, "weight_bytes_per_token": weights,
             "state_bytes_per_token": 2 * state_bytes, "bytes_per_token": per_token,
             "decode_upper_bound_tok_s": round(bandwidth_gb_s * 1e9 / per_token, 2)}
+
+
+def artifact_roofline(roof: dict, quant: dict | None, model) -> dict | None:
+    """The bound for an artifact holding quantized weights (None for fp32 ones: `roof` is theirs). Its weights are
+    the bytes its file holds (`quant["weight_bytes"]`, integers + scales + the fp32 tensors), less the fp32 token
+    embedding but one row, unless an fp32 head tied to it reads it whole."""
+    if not quant or quant.get("scheme", "fp32") == "fp32" or not quant.get("weight_bytes"):
+        return None
+    w = model.embed.weight
+    whole = model.head is not None and model.head.weight is w and quant.get("policy", {}).get("head") == "fp32"
+    weights = int(quant["weight_bytes"]) - (0 if whole else (w.numel() - w.shape[1]) * w.element_size())
+    per_token = weights + roof["state_bytes_per_token"]
+    return {"scheme": quant["scheme"], "weight_bytes_per_token": weights, "bytes_per_token": per_token,
+            "decode_upper_bound_tok_s": round(roof["bandwidth_gb_s"] * 1e9 / per_token, 2)}

@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from afedge.bench.budgets import check
-from afedge.bench.roofline import measure_bandwidth, roofline
+from afedge.bench.roofline import artifact_roofline, measure_bandwidth, roofline
 from afedge.bundle import Bundle, load_bundle
 from afedge.target import host_arch, load_target, load_target_file
 
@@ -172,7 +172,8 @@ def _derive(rows: list[dict], roof: dict) -> None:
     for row in rows:
         row["decode_tok_s"] = tok_s(row)
         if row["decode_tok_s"] and row["kind"] != "baseline" and not row.get("emulated"):
-            row["roofline_ratio"] = round(row["decode_tok_s"] / roof["decode_upper_bound_tok_s"], 4)
+            bound = (row.get("roofline") or roof)["decode_upper_bound_tok_s"]  # a quantized artifact's own
+            row["roofline_ratio"] = round(row["decode_tok_s"] / bound, 4)
     ref = next((r for r in rows if r["kind"] == "torch-eager" and r.get("status") == "ok"), None)
     if ref is None:
         return
@@ -210,8 +211,13 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
     load_before = _load()
     progress("memory bandwidth")
     bw = measure_bandwidth(s.bandwidth_mib)
-    roof = roofline(_reference_model(bundle), bundle.info.spec.nbytes, bw["gb_s"]) | {"bandwidth": bw}
+    model = _reference_model(bundle)
+    roof = roofline(model, bundle.info.spec.nbytes, bw["gb_s"]) | {"bandwidth": bw}
     rows, jobs = [], _jobs(bundle, s)
+    quant = {a.name: artifact_roofline(roof, a.info.get("quant"), model) for a in bundle.artifacts}
+    for head, _ in jobs:
+        if head["kind"] == "afedge" and quant.get(head["name"].split("@")[0]):
+            head["roofline"] = quant[head["name"].split("@")[0]]
     with tempfile.TemporaryDirectory(prefix="afedge-reach-") as tmp:
         reached = _reach(bundle, s, jobs, Path(tmp) / "reached.safetensors", progress, timeout)
         for head, spec in jobs:
