@@ -24,6 +24,7 @@ from afedge.session import RUNTIMES, ArtifactError, ArtifactSession, RuntimeUnav
 __all__ = ["TvmSession", "prime_thread_env"]
 
 _configured_threads: int | None = None
+_CPU, _ALIGN = 1, 64  # DLPack's kDLCPU; the data alignment TVM's kernels assume
 
 
 def prime_thread_env() -> None:
@@ -135,9 +136,20 @@ class TvmSession(ArtifactSession):
     def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
         _set_threads(tvm, self.threads)
-        args = [tvm.runtime.tensor(np.ascontiguousarray(a), self.device) for a in inputs]
-        out = self._vms[method][method](*args)
-        return [o.numpy() for o in out]
+        out = self._vms[method][method](*(self._tensor(a) for a in inputs))
+        if self.device.dlpack_device_type() != _CPU:
+            return [o.numpy() for o in out]
+        return [np.from_dlpack(o) for o in out]  # views that keep the VM's fresh output tensors alive
+
+    def _tensor(self, a: np.ndarray):
+        """A numpy input as a TVM tensor: shared, not copied, on the CPU when it is 64-byte aligned (TVM's
+        kernels assume it), as the states a step returns are. A copy costs ~16 us in Python per tensor: at the
+        demo model's 0.14 ms step, 9 inputs and 9 outputs took the session to 0.38 ms."""
+        a = np.ascontiguousarray(a)
+        if (self.device.dlpack_device_type() == _CPU and a.flags.writeable and a.ctypes.data % _ALIGN == 0
+                and a.size):
+            return self._tvm.runtime.from_dlpack(a)
+        return self._tvm.runtime.tensor(a, self.device)
 
     def close(self) -> None:
         self._vms = {}

@@ -105,3 +105,38 @@ def test_tvm_android_cross_build_and_host_twin(tmp_path):
         _check_parity(program, sess)
     finally:
         sess.close()
+
+
+def test_tvm_session_shares_aligned_inputs_and_never_alters_a_returned_state(tmp_path):
+    """States go in and out of the VM without copies (DLPack views), yet a state the session returned is never
+    written by a later call that took it as input, and unaligned inputs are copied rather than refused."""
+    program = _program("retnet")
+    (art,) = TvmExporter().export(program, load_target("host"), "fp32", tmp_path)
+    sess = _session(program, art, tmp_path)
+    try:
+        _, state = sess.prefill(np.arange(20)[None] % 256, sess.init_state())
+        aligned = next(s for s in state if s.ctypes.data % 64 == 0)
+        assert np.shares_memory(np.from_dlpack(sess._tensor(aligned)), aligned)  # shared, not copied
+        kept, returned = [s.copy() for s in state], state
+        for t in range(4):
+            _, state = sess.step(np.array([t]), state)
+        for a, b in zip(kept, returned):
+            np.testing.assert_array_equal(a, b)
+        ref, _ = sess.step(np.array([1]), returned)
+        odd = [_unaligned(s) for s in returned]
+        frozen = [s.copy() for s in returned]
+        for s in frozen:
+            s.setflags(write=False)  # read-only: numpy cannot lend it to DLPack
+        for other in (odd, frozen):
+            logits, _ = sess.step(np.array([1]), other)
+            np.testing.assert_array_equal(logits, ref)
+    finally:
+        sess.close()
+
+
+def _unaligned(a: np.ndarray) -> np.ndarray:
+    """A copy of `a` 4 bytes past an allocation: not 64-byte aligned."""
+    out = np.empty(a.size + 1, a.dtype)[1:]
+    out[:] = a.ravel()
+    assert out.ctypes.data % 64
+    return out.reshape(a.shape)
