@@ -9,8 +9,9 @@ columns for prefill blocks, 1 x 8 for a decode GEMV: 12 or 8 accumulators, fewer
 of AVX2 / NEON) and the column tiles run in parallel. Weight rows stream contiguously, which is what a
 memory-bound decode step needs. Static shapes only, K a multiple of the lane count; anything else (batched
 matmuls, dynamic shapes) is left to the other rules. A decode GEMV whose weight's dequantization was fused into it
-(afedge/tvm_dequant.py) has it inlined into the weight read, so it streams the int8 / int4 bytes themselves. Injective epilogues (bias, activation,
-residual) are computed per output tile when each reads the matmul's output at its own index (`_pointwise`).
+(afedge/tvm_dequant.py) has it inlined into the weight read, so it streams the int8 / int4 bytes themselves.
+Injective epilogues (bias, activation, residual) are computed per output tile when each reads the matmul's output
+at its own index (`_pointwise`).
 
 `NNMatmul` takes C = A @ B where B is stored (K, N), the layout the export leaves for a Linear applied to a
 transposed activation (Mamba's x_proj and dt_proj): columns in vectors, a 4 x 16 accumulator tile in registers.
