@@ -140,3 +140,10 @@ def test_a_quantized_artifact_is_bounded_by_its_own_weight_bytes(head, tied):
     assert q["weight_bytes_per_token"] == read and q["bytes_per_token"] == read + 2000
     assert q["decode_upper_bound_tok_s"] == round(10e9 / (read + 2000), 2)
     assert artifact_roofline(roof, {"scheme": "fp32", "weight_bytes": 50_000}, model) is None
+
+
+def test_the_bandwidth_probe_runs_on_as_many_threads_as_the_runtimes():
+    from afedge.bench.roofline import measure_bandwidth
+    one, two = measure_bandwidth(8, 1), measure_bandwidth(8, 1, threads=2)
+    assert "1 thread," in one["method"] and "2 threads" in two["method"]
+    assert one["gb_s"] > 0 and two["gb_s"] > 0

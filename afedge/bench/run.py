@@ -210,7 +210,7 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
         raise ValueError("--contexts must be positive integers, --prompt-len and --steps >= 1")
     load_before = _load()
     progress("memory bandwidth")
-    bw = measure_bandwidth(s.bandwidth_mib)
+    bw = measure_bandwidth(s.bandwidth_mib, threads=s.threads or bundle.manifest["target"]["profile"]["threads"])
     model = _reference_model(bundle)
     roof = roofline(model, bundle.info.spec.nbytes, bw["gb_s"]) | {"bandwidth": bw}
     rows, jobs = [], _jobs(bundle, s)
