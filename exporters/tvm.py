@@ -238,7 +238,8 @@ def _pipeline(target, name: str, late_params: dict | None = None):
                 + backend.library_dispatch_passes(target)
                 + backend.legalize_passes(target)
                 + late
-                + ([dl.ApplyDefaultSchedule(NTMatmul(), NNMatmul(), RowReduction(), dl.cpu.Reduction(), Elementwise())] if fast else [])
+                + ([dl.ApplyDefaultSchedule(NTMatmul(), NNMatmul(), RowReduction(), dl.cpu.Reduction(),
+                                            Elementwise())] if fast else [])
                 + backend.dataflow_lower_passes(target)
                 + backend.finalize_passes(target))
             return seq(mod)

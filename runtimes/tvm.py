@@ -132,12 +132,13 @@ class TvmSession(ArtifactSession):
                     self.device = tvm.cpu(0)
                 vms[path] = relax.VirtualMachine(lib, self.device)
             self._vms[method] = vms[path]
+        self._cpu = self.device.dlpack_device_type() == _CPU
 
     def _run(self, method: str, inputs: list[np.ndarray]) -> list[np.ndarray]:
         tvm = self._tvm
         _set_threads(tvm, self.threads)
         out = self._vms[method][method](*(self._tensor(a) for a in inputs))
-        if self.device.dlpack_device_type() != _CPU:
+        if not self._cpu:
             return [o.numpy() for o in out]
         return [np.from_dlpack(o) for o in out]  # views that keep the VM's fresh output tensors alive
 
@@ -146,8 +147,7 @@ class TvmSession(ArtifactSession):
         kernels assume it), as the states a step returns are. A copy costs ~16 us in Python per tensor: at the
         demo model's 0.14 ms step, 9 inputs and 9 outputs took the session to 0.38 ms."""
         a = np.ascontiguousarray(a)
-        if (self.device.dlpack_device_type() == _CPU and a.flags.writeable and a.ctypes.data % _ALIGN == 0
-                and a.size):
+        if self._cpu and a.flags.writeable and a.ctypes.data % _ALIGN == 0 and a.size:
             return self._tvm.runtime.from_dlpack(a)
         return self._tvm.runtime.tensor(a, self.device)
 

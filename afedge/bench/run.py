@@ -214,10 +214,10 @@ def run_bench(path: Path, s: Settings, progress: Progress = print, timeout: floa
     model = _reference_model(bundle)
     roof = roofline(model, bundle.info.spec.nbytes, bw["gb_s"]) | {"bandwidth": bw}
     rows, jobs = [], _jobs(bundle, s)
-    quant = {a.name: artifact_roofline(roof, a.info.get("quant"), model) for a in bundle.artifacts}
-    for head, _ in jobs:
-        if head["kind"] == "afedge" and quant.get(head["name"].split("@")[0]):
-            head["roofline"] = quant[head["name"].split("@")[0]]
+    bounds = {a.name: artifact_roofline(roof, a.info.get("quant"), model) for a in bundle.artifacts}
+    for head, _ in jobs:  # a quantized artifact's own bound (its name, less any "@device")
+        if head["kind"] == "afedge" and (own := bounds.get(head["name"].split("@")[0])):
+            head["roofline"] = own
     with tempfile.TemporaryDirectory(prefix="afedge-reach-") as tmp:
         reached = _reach(bundle, s, jobs, Path(tmp) / "reached.safetensors", progress, timeout)
         for head, spec in jobs:

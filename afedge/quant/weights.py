@@ -78,14 +78,15 @@ class QuantLinear(nn.Module):
         self.scale = nn.Parameter(scale, requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
+    def _ints(self) -> Tensor:
+        return unpack_int4(self.qweight) if self.bits == 4 else self.qweight
+
     def weight(self) -> Tensor:
-        q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-        return dequantize(q, self.scale)
+        return dequantize(self._ints(), self.scale)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.scale.shape[1] == 1:  # one scale per output row: it factors out of the sum, (x @ q^T) * scale
-            q = unpack_int4(self.qweight) if self.bits == 4 else self.qweight
-            y = F.linear(x, q.to(torch.float32)) * self.scale[:, 0]
+            y = F.linear(x, self._ints().to(torch.float32)) * self.scale[:, 0]
             return y if self.bias is None else y + self.bias
         return F.linear(x, self.weight(), self.bias)
 
