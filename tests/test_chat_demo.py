@@ -18,12 +18,8 @@ from afedge.zoo import DEFAULT, resolve_model
 
 AFEDGE = str(Path(sys.executable).with_name("afedge"))
 README_PROMPT = "what is 12 plus 30?\n"
-# Measured on the shipped checkpoint (README "The demo chat model"): two-digit plus / minus are only approximately
-# learned in the 15-minute budget (plus 15%, minus 17% exact, most within 2; times 100%), so the README prompt gets
-# 48 and the held-out overall is 85.4% (arithmetic 42%, recall 95%, every other skill 100%). Strict: a retrained
-# model that passes is noticed.
-ARITHMETIC_GAP = pytest.mark.xfail(strict=True, reason="demo model: 2-digit addition not learned exactly "
-                                   "(answers 48 to 'what is 12 plus 30?'; held-out overall 85.4% < 90%)")
+# Two-digit plus / minus replies show their working, units column first (afedge/demo/skills.py `worked`).
+README_REPLY = "2+0=2, 1+3=4, so 42\n"
 
 
 def demo_bundle(out: Path, exporters: list[str] | None, verify: bool):
@@ -61,11 +57,10 @@ def test_the_default_model_is_the_shipped_checkpoint():
 
 
 @pytest.mark.parametrize("runtime", ["onnx", "torch"])
-@ARITHMETIC_GAP
 def test_readme_prompt(onnx_bundle, runtime):
     out = chat(onnx_bundle, runtime, README_PROMPT)
     assert out.returncode == 0, out.stderr
-    assert out.stdout == "42\n"
+    assert out.stdout == README_REPLY
 
 
 def test_eval_cli_reports_per_skill_and_runtime(onnx_bundle, tmp_path):
@@ -92,13 +87,12 @@ def test_runtimes_agree_and_the_other_skills_work(onnx_bundle, runtime):
 
 
 @pytest.mark.slow
-@ARITHMETIC_GAP
 def test_every_host_runtime_answers_and_meets_the_accuracy_bound(host_bundle, tmp_path):
     names, skipped = runnable(host_bundle)
     assert {"onnx", "executorch"} <= set(names) and not skipped
     for name in names:
         out = chat(host_bundle, name, README_PROMPT)
-        assert out.returncode == 0 and out.stdout == "42\n", (name, out.stdout, out.stderr)
+        assert out.returncode == 0 and out.stdout == README_REPLY, (name, out.stdout, out.stderr)
     report = tmp_path / "eval.json"
     out = subprocess.run([AFEDGE, "eval", str(host_bundle.path), "--json", str(report)], capture_output=True,
                          text=True, timeout=3600)

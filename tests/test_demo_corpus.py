@@ -41,6 +41,21 @@ def _pattern(template: str) -> str:
     return re.escape(template).replace(r"\{a\}", r"(?P<a>\d+)").replace(r"\{b\}", r"(?P<b>\d+)")
 
 
+def _check_working(op: str, a: int, b: int, reply: str) -> None:
+    """Plus / minus replies show each column (units, then tens with its carry or borrow) and end with the result."""
+    sign = re.escape("+" if op == "plus" else "-")
+    m = re.fullmatch(rf"(\d+){sign}(\d)=(\d+), (\d){sign}(\d)({sign}1)?=(\d+), so (\d+)", reply)
+    assert m, reply
+    u1, u2, s1, t1, t2, s2, result = (int(g) for g in m.group(1, 2, 3, 4, 5, 7, 8))
+    flow = bool(m[6])  # the carry into (plus) or the borrow from (minus) the tens column
+    assert (u1 % 10, u2, t1, t2) == (a % 10, b % 10, a // 10, b // 10), reply
+    if op == "plus":
+        assert (u1, s1, flow, s2) == (a % 10, u1 + u2, u1 + u2 >= 10, t1 + t2 + flow), reply
+    else:
+        assert (flow, u1, s1, s2) == (a % 10 < u2, a % 10 + 10 * flow, u1 - u2, t1 - t2 - flow), reply
+    assert result == (a + b if op == "plus" else a - b), reply
+
+
 def _check(turn: skills.Turn, said: dict[str, str]) -> None:
     """Recompute the one right reply of `turn` from its question alone."""
     q, r = turn.user.lower(), turn.reply
@@ -48,7 +63,11 @@ def _check(turn: skills.Turn, said: dict[str, str]) -> None:
         ops = {"plus": lambda a, b: a + b, "minus": lambda a, b: a - b, "times": lambda a, b: a * b}
         (op, a, b), = [(op, int(m["a"]), int(m["b"])) for op, templates in skills.ARITHMETIC.items()
                        for tpl in templates if (m := re.fullmatch(_pattern(tpl), q))]
-        assert r == str(ops[op](a, b)) and int(r) >= 0, turn
+        if op == "times":
+            assert r == str(a * b), turn
+        else:
+            _check_working(op, a, b, r)
+        assert ops[op](a, b) >= 0, turn
     elif turn.skill == "units":
         n = int(re.search(r"\d+", q).group())
         small = next(s for s in UNIT_FACTOR if f" {s}" in q and (q.startswith("how many " + s) or q.endswith(f"to {s}.")))

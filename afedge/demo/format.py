@@ -1,7 +1,7 @@
 """The dialogue format, shared by the corpus, the trainer's loss mask, `afedge eval` and `afedge chat`.
 
     U: what is 12 plus 30?\n
-    A: 42\n
+    A: 2+0=2, 1+3=4, so 42\n
 
 A conversation is these lines back to back from the initial state; the model is trained on the reply text and the
 newline that ends it, and a reply is generated from the `A: ` prefix until that newline.

@@ -40,17 +40,32 @@ def _cap(rng: random.Random, text: str) -> str:
     return text[0].upper() + text[1:] if rng.random() < 0.15 else text
 
 
+def worked(a: int, b: int, op: str) -> str:
+    """Two-digit plus / minus (0 <= b <= a for minus) shown column by column, units first, then the result:
+    `17 plus 25` -> '7+5=12, 1+2+1=4, so 42'; `42 minus 17` -> '12-7=5, 4-1-1=2, so 25'. Each step is a one-digit
+    sum the model can learn like the times table, reading digits it has just seen or written."""
+    (ta, ua), (tb, ub) = divmod(a, 10), divmod(b, 10)
+    if op == "plus":
+        carry = (ua + ub) // 10
+        units, tens = f"{ua}+{ub}={ua + ub}", f"{ta}+{tb}{'+1' * carry}={ta + tb + carry}"
+        return f"{units}, {tens}, so {a + b}"
+    borrow = int(ua < ub)
+    units, tens = f"{ua + 10 * borrow}-{ub}={ua + 10 * borrow - ub}", f"{ta}-{tb}{'-1' * borrow}={ta - tb - borrow}"
+    return f"{units}, {tens}, so {a - b}"
+
+
 def arithmetic(rng: random.Random) -> Turn:
+    """Times over 0-12 answers directly; plus / minus over 0-99 show their working (`worked`)."""
     op = rng.choice(tuple(ARITHMETIC))
     if op == "times":
         a, b = rng.randint(0, 12), rng.randint(0, 12)
-        result = a * b
+        reply = str(a * b)
     else:
         a, b = rng.randint(0, 99), rng.randint(0, 99)
         if op == "minus":
             a, b = max(a, b), min(a, b)
-        result = a + b if op == "plus" else a - b
-    return Turn(_cap(rng, rng.choice(ARITHMETIC[op]).format(a=a, b=b)), str(result), "arithmetic")
+        reply = worked(a, b, op)
+    return Turn(_cap(rng, rng.choice(ARITHMETIC[op]).format(a=a, b=b)), reply, "arithmetic")
 
 
 def units(rng: random.Random) -> Turn:
