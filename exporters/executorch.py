@@ -343,10 +343,14 @@ class ExecuTorchExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
+        given = isinstance(quant, QuantPlan)   # a ready plan is exported as it is
         plan = resolve_plan(quant, program.model, self.quant_schemes)
         quant = plan.scheme
         self.check_quant(quant, target)
         require("executorch.exir", self.extra)
+        if quant in ("int8", "int8-dyn") and not given:
+            from afedge.quant.guard import guarded   # both realised with dynamic int8 activations (et_torchao)
+            plan = guarded(program.model, plan, "int8-dyn")
         where = f"exporter 'executorch' (target {target.name})"
         parts, specs = self.partitioners(target, quant)
         names = self.partitioner_names(target)

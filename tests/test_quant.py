@@ -199,3 +199,21 @@ def test_every_target_names_a_default_scheme_each_of_its_exporters_realises():
         assert t.quant in SCHEMES and t.tolerance == scheme(t.quant).tolerance, name
         for exporter in t.exporters:
             EXPORTERS.get(exporter)().check_quant(t.quant, t)   # raises ExportError naming the gap
+
+
+def test_the_export_guard_keeps_fp32_what_dynamic_activations_break():
+    """The demo model's int8 as ExecuTorch realises it (dynamic int8 activations) misses the int8 bounds on the
+    gate's workload; the guard keeps the layers fp32 whose input rounding breaks it (block 0's out_proj first), and
+    the guarded plan meets the bounds. A plan that meets them already is returned as it is."""
+    from afedge.quant.guard import _misses, guarded
+    from afedge.zoo import resolve_model
+    demo = resolve_model(None).model.eval()
+    plan, probe = plan_quant(demo, "int8"), gate_probe(demo)
+    assert _misses(demo, plan, "int8-dyn", probe) > 1.0
+    kept = guarded(demo, plan, "int8-dyn")
+    assert kept.policy.keep_fp32[0] == "blocks.0.mixer.out_proj" and len(kept.quantized) < len(plan.quantized)
+    assert kept.scheme == "int8" and _misses(demo, kept, "int8-dyn", probe) <= 1.0
+    assert set(kept.kept_fp32) >= {f"{n}.weight" for n in kept.policy.keep_fp32}
+    tiny = _model("retnet")
+    plain = plan_quant(tiny, "int8")
+    assert _misses(tiny, plain, "int8-dyn", gate_probe(tiny)) <= 1.0 and guarded(tiny, plain, "int8-dyn") == plain

@@ -123,7 +123,7 @@ def plan_quant(model: LM, scheme: str, policy: QuantPolicy = QuantPolicy()) -> Q
         elif name == "head" and policy.head == "fp32":
             reason = HEAD
         elif _covered(name, policy.keep_fp32):
-            reason = "QuantPolicy.keep_fp32 (auto: sensitivity report)"
+            reason = "QuantPolicy.keep_fp32 (--quant auto or the export guard, afedge.quant.guard)"
         elif layer_scheme.group and lin.in_features % layer_scheme.group:
             reason = f"in_features {lin.in_features} not divisible by the group size {layer_scheme.group}"
         if reason:
