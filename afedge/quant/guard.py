@@ -8,6 +8,7 @@ an input with outlier channels, and the whole plan's logits reach max_rel 0.164 
 on the gate's workload (`sensitivity.gate_probe`, per position as the gate scores it); while it misses the
 bounds, the layer whose fp32 copy helps most is kept fp32, at most `max_keep` of them. A plan that already meets
 the bounds is returned unchanged; the kept layers are recorded in the plan's policy (manifest `quant.policy`).
+`--quant auto` plans are guarded too (its simulation of `int8` is weight-only), keeping how auto chose.
 """
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ def _misses(model: LM, plan: QuantPlan, realised: str, probe: GateProbe) -> floa
 @torch.no_grad()
 def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4) -> QuantPlan:
     """`plan` with the fewest layers kept fp32 (greedy, at most `max_keep`) that meet its tolerance as realised."""
-    if not plan.quantized or plan.auto:
+    if not plan.quantized:
         return plan
     probe = gate_probe(model)
     worst = _misses(model, plan, realised, probe)
@@ -48,5 +49,5 @@ def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4) -> Qua
         layer = min(scored, key=scored.get)
         if scored[layer] >= worst:
             break
-        plan, worst = plan_quant(model, plan.scheme, trials[layer]), scored[layer]
+        plan, worst = replace(plan_quant(model, plan.scheme, trials[layer]), auto=plan.auto), scored[layer]
     return plan
