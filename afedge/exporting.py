@@ -46,6 +46,9 @@ class Exporter:
     runtime: ClassVar[str]                      # runtime that runs its artifacts
     extra: ClassVar[str]                        # `pip install afedge[<extra>]` brings its dependencies
     quant_schemes: ClassVar[tuple[str, ...]] = ("fp32",)
+    # scheme -> the scheme whose torch simulation computes as this exporter realises it, where they differ: `auto`
+    # validates with it and the export guard (afedge.quant.guard) checks plans with it (afedge.quant.resolve_plan)
+    simulated_as: ClassVar[dict[str, str]] = {}
 
     def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
         raise NotImplementedError

@@ -311,6 +311,7 @@ class ExecuTorchExporter(Exporter):
     # fp16 only through the Core ML delegate (its compute precision); integer schemes through torchao for
     # XNNPACK (afedge.quant.et_torchao: int8 and int8-dyn are both realised with dynamic int8 activations).
     quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "int8", "int8-dyn", "8da4w")
+    simulated_as: ClassVar[dict[str, str]] = {"int8": "int8-dyn"}
 
     @staticmethod
     def partitioner_names(target: Target) -> list[str]:
@@ -343,14 +344,10 @@ class ExecuTorchExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
-        given = isinstance(quant, QuantPlan)   # a ready plan is exported as it is
-        plan = resolve_plan(quant, program.model, self.quant_schemes)
+        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.simulated_as)
         quant = plan.scheme
         self.check_quant(quant, target)
         require("executorch.exir", self.extra)
-        if quant in ("int8", "int8-dyn") and not given:
-            from afedge.quant.guard import guarded   # both realised with dynamic int8 activations (et_torchao)
-            plan = guarded(program.model, plan, "int8-dyn")
         where = f"exporter 'executorch' (target {target.name})"
         parts, specs = self.partitioners(target, quant)
         names = self.partitioner_names(target)

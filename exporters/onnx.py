@@ -50,7 +50,7 @@ class OnnxExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes)
+        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.simulated_as)
         self.check_quant(plan.scheme, target)
         onnx = require("onnx", self.extra)
         require("onnxscript", self.extra)  # torch.onnx's dynamo exporter needs it

@@ -183,6 +183,20 @@ def test_auto_tries_most_compressing_first_and_falls_back_to_fp32():
     assert AUTO_ORDER.index("int4-g32") < AUTO_ORDER.index("int8")
 
 
+def test_auto_validates_a_candidate_as_the_exporter_realises_it():
+    """With `simulated_as` (ExecuTorch: int8 -> int8-dyn), auto scores its int8 candidate with dynamic
+    activations, not as the weight-only int8 that ORT and TVM run."""
+    model = _model("retnet")
+    probe = gate_probe(model)
+    for realised in ("int8", "int8-dyn"):
+        plan = auto_plan(model, ("fp32", "int8"), simulated_as={"int8": realised})
+        [tried] = plan.auto["tried"]
+        want = gate_error(model, plan_quant(model, realised, plan.policy), probe)[0]
+        assert plan.scheme == "int8" and tried["simulated_sqnr_db"] == pytest.approx(want, abs=0.01)
+    weight_only = gate_error(model, plan_quant(model, "int8", plan.policy), probe)[0]
+    assert abs(weight_only - tried["simulated_sqnr_db"]) > 0.1                   # the two simulations differ
+
+
 def test_cli_accepts_auto():
     from afedge.cli import build_parser
     args = build_parser().parse_args(["export", "--target", "host", "--quant", "auto"])
@@ -203,17 +217,21 @@ def test_every_target_names_a_default_scheme_each_of_its_exporters_realises():
 
 def test_the_export_guard_keeps_fp32_what_dynamic_activations_break():
     """The demo model's int8 as ExecuTorch realises it (dynamic int8 activations) misses the int8 bounds on the
-    gate's workload; the guard keeps the layers fp32 whose input rounding breaks it (block 0's out_proj first), and
-    the guarded plan meets the bounds. A plan that meets them already is returned as it is."""
-    from afedge.quant.guard import _misses, guarded
+    gate's workload; resolve_plan, given the exporter's `simulated_as`, guards it: the layers whose input rounding
+    breaks it are kept fp32 (block 0's out_proj first) and the plan meets the bounds. A plan that meets them
+    already, or one realised as its own scheme, is returned as it is."""
+    from afedge.quant.guard import _misses
     from afedge.zoo import resolve_model
-    demo = resolve_model(None).model.eval()
+    load_plugins()
+    demo, et = resolve_model(None).model.eval(), EXPORTERS.get("executorch")
     plan, probe = plan_quant(demo, "int8"), gate_probe(demo)
-    assert _misses(demo, plan, "int8-dyn", probe) > 1.0
-    kept = guarded(demo, plan, "int8-dyn")
+    assert et.simulated_as["int8"] == "int8-dyn" and _misses(demo, plan, "int8-dyn", probe) > 1.0
+    kept = resolve_plan("int8", demo, et.quant_schemes, simulated_as=et.simulated_as)
     assert kept.policy.keep_fp32[0] == "blocks.0.mixer.out_proj" and len(kept.quantized) < len(plan.quantized)
     assert kept.scheme == "int8" and _misses(demo, kept, "int8-dyn", probe) <= 1.0
     assert set(kept.kept_fp32) >= {f"{n}.weight" for n in kept.policy.keep_fp32}
+    assert resolve_plan("int8", demo, et.quant_schemes) == plan                     # realised as int8 (ORT, TVM)
     tiny = _model("retnet")
     plain = plan_quant(tiny, "int8")
-    assert _misses(tiny, plain, "int8-dyn", gate_probe(tiny)) <= 1.0 and guarded(tiny, plain, "int8-dyn") == plain
+    assert _misses(tiny, plain, "int8-dyn", gate_probe(tiny)) <= 1.0
+    assert resolve_plan("int8", tiny, et.quant_schemes, simulated_as=et.simulated_as) == plain

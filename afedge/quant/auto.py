@@ -3,12 +3,14 @@
 For each candidate (most compressing first, among the exporter's `quant_schemes`): take the sensitivity report
 and promote the most sensitive layers (to the scheme's 8-bit sibling under a 4-bit scheme, to fp32 under an
 8-bit one) until the predicted whole-model SQNR clears the scheme's tolerance by `AUTO_MARGIN_DB`; then simulate
-the whole plan on the export gate's own workload (`gate_error`). The first candidate whose SQNR and top-1 clear the
+the whole plan on the export gate's own workload (`gate_error`), computing as the exporter realises it
+(`simulated_as`: ExecuTorch's int8 with dynamic activations). The first candidate whose SQNR and top-1 clear the
 bounds there (and which still quantizes something) wins, and the plan records the report. Nothing qualifying ->
 fp32.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 
 from afedge.model import LM
@@ -23,7 +25,8 @@ __all__ = ["AUTO_ORDER", "auto_plan"]
 AUTO_ORDER = ("int4-g32", "8da4w", "int4-g128", "int8", "int8-dyn")
 
 
-def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPolicy()) -> QuantPlan:
+def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPolicy(),
+              simulated_as: Mapping[str, str] | None = None) -> QuantPlan:
     tried, probe = [], None
     for scheme in (s for s in AUTO_ORDER if s in claimed):
         tol = tolerance(scheme)
@@ -38,7 +41,8 @@ def auto_plan(model: LM, claimed: tuple[str, ...], policy: QuantPolicy = QuantPo
         plan = plan_quant(model, scheme, chosen)
         if plan.quantized:
             probe = probe or gate_probe(model)   # the gate's workload on the fp32 model: once for every candidate
-            sqnr, top1 = gate_error(model, plan, probe)
+            as_run = plan_quant(model, (simulated_as or {}).get(scheme, scheme), chosen)
+            sqnr, top1 = gate_error(model, as_run, probe)
         else:
             sqnr, top1 = float("inf"), 1.0
         ok = bool(plan.quantized) and sqnr >= tol.sqnr_db + AUTO_MARGIN_DB and top1 >= tol.top1

@@ -8,7 +8,8 @@ an input with outlier channels, and the whole plan's logits reach max_rel 0.164 
 on the gate's workload (`sensitivity.gate_probe`, per position as the gate scores it); while it misses the
 bounds, the layer whose fp32 copy helps most is kept fp32, at most `max_keep` of them. A plan that already meets
 the bounds is returned unchanged; the kept layers are recorded in the plan's policy (manifest `quant.policy`).
-`--quant auto` plans are guarded too (its simulation of `int8` is weight-only), keeping how auto chose.
+`resolve_plan` guards every plan, `--quant auto`'s included, whose exporter realises its scheme as another
+(`Exporter.simulated_as`), keeping how auto chose.
 """
 from __future__ import annotations
 
