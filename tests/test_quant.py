@@ -233,6 +233,11 @@ def test_the_export_guard_keeps_fp32_what_dynamic_activations_break():
     assert resolve_plan("int8", demo, et.quant_schemes) == plan                     # realised as int8 (ORT, TVM)
     errors = local_errors(demo, plan_quant(demo, "int8-dyn"), probe.tokens)       # only the worst are tried
     assert guarded(demo, plan, "int8-dyn", suspects=1).policy.keep_fp32 == (max(errors, key=errors.get),)
+    auto = resolve_plan("auto", demo, et.quant_schemes, simulated_as=et.simulated_as)  # guarded with auto's margin
+    [int8] = [t for t in auto.auto["tried"] if t["scheme"] == "int8"]
+    assert auto.scheme == "int8" and int8["chosen"] and set(int8["guard_kept_fp32"]) == set(auto.policy.keep_fp32)
+    assert _misses(demo, auto, "int8-dyn", probe, AUTO_MARGIN_DB) <= 1.0 < _misses(demo, kept, "int8-dyn", probe,
+                                                                                  AUTO_MARGIN_DB)
     tiny = _model("retnet")
     plain = plan_quant(tiny, "int8")
     assert _misses(tiny, plain, "int8-dyn", gate_probe(tiny)) <= 1.0

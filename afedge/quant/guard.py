@@ -30,13 +30,14 @@ from afedge.tolerances import tolerance
 __all__ = ["guarded"]
 
 
-def _misses(model: LM, plan: QuantPlan, realised: str, probe: GateProbe) -> float:
-    """How far the plan (simulated as `realised`) misses its bounds: the worst ratio of error to bound (> 1 fails)."""
+def _misses(model: LM, plan: QuantPlan, realised: str, probe: GateProbe, margin_db: float = 0.0) -> float:
+    """How far the plan (simulated as `realised`) misses its bounds, its SQNR bound raised by `margin_db`: the worst
+    ratio of error to bound (> 1 fails)."""
     tol = tolerance(plan.tolerance)
     got = gate_logits(model, plan_quant(model, realised, plan.policy), probe)
     rel = max(metrics.max_rel(g, r) for g, r in zip(got[0], probe.ref[0]))
     top1_gap = (1.0 - metrics.top1_agreement(got, probe.ref)) / max(1.0 - tol.top1, 1e-9)
-    noise = 10 ** ((tol.sqnr_db - metrics.sqnr_db(got, probe.ref)) / 10)
+    noise = 10 ** ((tol.sqnr_db + margin_db - metrics.sqnr_db(got, probe.ref)) / 10)
     return max(rel / tol.max_rel, top1_gap, noise)
 
 
@@ -62,13 +63,15 @@ def local_errors(model: LM, plan: QuantPlan, tokens: torch.Tensor) -> dict[str, 
 
 
 @torch.no_grad()
-def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4, suspects: int = 8) -> QuantPlan:
+def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4, suspects: int = 8,
+            probe: GateProbe | None = None, margin_db: float = 0.0) -> QuantPlan:
     """`plan` with the fewest layers kept fp32 (greedy over the `suspects` worst local errors, at most `max_keep`)
-    that meet its tolerance as realised."""
+    that meet its tolerance (SQNR bound + `margin_db`) as realised on the gate's workload (`probe`, made here if
+    not given)."""
     if not plan.quantized:
         return plan
-    probe = gate_probe(model)
-    worst = _misses(model, plan, realised, probe)
+    probe = probe or gate_probe(model)
+    worst = _misses(model, plan, realised, probe, margin_db)
     if worst <= 1.0:
         return plan
     errors = local_errors(model, plan_quant(model, realised, plan.policy), probe.tokens)
@@ -76,7 +79,7 @@ def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4, suspec
     while worst > 1.0 and len(plan.policy.keep_fp32) < max_keep:
         trials = {layer: replace(plan.policy, keep_fp32=(*plan.policy.keep_fp32, layer))
                   for layer in ranked if layer in plan.quantized}
-        scored = {layer: _misses(model, plan_quant(model, plan.scheme, p), realised, probe)
+        scored = {layer: _misses(model, plan_quant(model, plan.scheme, p), realised, probe, margin_db)
                   for layer, p in trials.items()}
         layer = min(scored, key=scored.get, default=None)
         if layer is None or scored[layer] >= worst:

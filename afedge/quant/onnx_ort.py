@@ -18,6 +18,7 @@ MatMul on the state stay fp32.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import tempfile
 from pathlib import Path
@@ -206,6 +207,8 @@ def _weight_only(model, plan: QuantPlan, nodes: dict[str, str], linears: dict[st
     """MatMulNBits for the planned MatMuls, one quantizer run per (bits, block size); int8 has one block per
     output channel (K rounded up to a power of two, as MatMulNBits requires) up to MAX_BLOCK inputs."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    # Its module calls logging.basicConfig(level=INFO) on import: a line per node of the graph otherwise.
+    logging.getLogger(MatMulNBitsQuantizer.__module__).setLevel(logging.WARNING)
     by_block: dict[tuple[int, int], list[str]] = {}
     for node, layer in nodes.items():
         ls, k = plan.scheme_of(layer), linears[layer].shape[1]

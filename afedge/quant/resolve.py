@@ -19,14 +19,12 @@ def resolve_plan(quant: str | QuantPlan, model: LM, claimed: tuple[str, ...], po
     its scheme is guarded (afedge.quant.guard). A ready QuantPlan is returned as it is."""
     if isinstance(quant, QuantPlan):
         return quant
-    realised = dict(simulated_as or {})
-    if quant == AUTO:
+    if quant == AUTO:   # guards its candidates itself
         from afedge.quant.auto import auto_plan
-        plan = auto_plan(model, claimed, policy, realised)
-    else:
-        plan = plan_quant(model, quant, policy)
-    as_run = realised.get(plan.scheme, plan.scheme)
-    if as_run == plan.scheme:
+        return auto_plan(model, claimed, policy, simulated_as)
+    plan = plan_quant(model, quant, policy)
+    realised = (simulated_as or {}).get(quant, quant)
+    if realised == quant:
         return plan
     from afedge.quant.guard import guarded
-    return guarded(model, plan, as_run)
+    return guarded(model, plan, realised)
