@@ -10,8 +10,8 @@ bounds, the layer whose fp32 copy helps most is kept fp32, at most `max_keep` of
 whose own output the realisation distorts most (one forward pass) are tried: a trial simulates the whole model, so
 the search stays a few dozen passes on a 24-block model. A plan that already meets
 the bounds is returned unchanged; the kept layers are recorded in the plan's policy (manifest `quant.policy`).
-`resolve_plan` guards every plan, `--quant auto`'s included, whose exporter realises its scheme as another
-(`Exporter.simulated_as`), keeping how auto chose.
+`resolve_plan` guards a plan whose exporter realises its scheme as another (`Exporter.simulated_as`); `--quant auto`
+guards each such candidate itself, with its margin, before validating it.
 """
 from __future__ import annotations
 
@@ -84,5 +84,5 @@ def guarded(model: LM, plan: QuantPlan, realised: str, max_keep: int = 4, suspec
         layer = min(scored, key=scored.get, default=None)
         if layer is None or scored[layer] >= worst:
             break
-        plan, worst = replace(plan_quant(model, plan.scheme, trials[layer]), auto=plan.auto), scored[layer]
+        plan, worst = plan_quant(model, plan.scheme, trials[layer]), scored[layer]
     return plan
