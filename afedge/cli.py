@@ -174,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("export", help="rewrite, export, bundle and verify a model for a target")
-    s.add_argument("--target", required=True, help="a profile in targets/ (see `afedge targets`)")
+    s.add_argument("--target", required=True,
+                   help="a profile in targets/ (see `afedge targets`), or your own profile file (NAME.toml)")
     s.add_argument("--model", help="'default' (embedded), 'zoo:<family>', an afedge checkpoint directory, "
                    "a Hugging Face model directory or hub id (mamba, mamba2, falcon_mamba, rwkv)")
     s.add_argument("--trust-remote-code", action="store_true",

@@ -50,6 +50,10 @@ class Exporter:
     # validates with it and the export guard (afedge.quant.guard) checks plans with it (afedge.quant.resolve_plan)
     simulated_as: ClassVar[dict[str, str]] = {}
 
+    def realised_as(self, target: Target) -> dict[str, str]:
+        """`simulated_as` on `target` (an exporter whose realisation depends on target options overrides this)."""
+        return self.simulated_as
+
     def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
         raise NotImplementedError
 

@@ -30,7 +30,7 @@ class Target:
     prefill_len: int                # static prefill block, tokens
     chunk_size: int                 # chunk of the chunked parallel form inside the prefill graph
     shape_policy: str = "static"
-    onnx: dict = field(default_factory=dict)        # opset, providers, external_data_threshold
+    onnx: dict = field(default_factory=dict)        # opset, providers, external_data_threshold, accuracy_level
     executorch: dict = field(default_factory=dict)  # partitioners, compute_precision
     tvm: dict = field(default_factory=dict)         # target (TVM target dict), cc, host_twin
     budgets: dict = field(default_factory=dict)     # latency / memory budgets checked by `afedge bench --check`
@@ -100,6 +100,9 @@ def load_target_file(path: Path) -> Target:
 
 
 def load_target(name: str) -> Target:
+    """A shipped profile by name, or a profile file of one's own (`./my-phone.toml`, validated the same way)."""
+    if name.endswith(".toml"):
+        return load_target_file(Path(name))
     path = _targets_dir() / f"{name}.toml"
     if not path.is_file():
         raise TargetError(f"unknown target '{name}'; known: {', '.join(target_names())}")

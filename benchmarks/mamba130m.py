@@ -25,7 +25,7 @@ SHAPE = {"vocab_size": 50280, "d_model": 768, "n_layers": 24, "mixer": "mamba", 
 
 
 def export(out: Path, runtimes: list[str], scan: str, prefill_len: int, chunk: int, steps: int,
-           quant: str | None) -> dict:
+           quant: str | None, target: str = "host") -> dict:
     """Export the bundle (if it is not there yet); returns per-runtime export seconds."""
     from afedge import LM, LMConfig, to_recurrent
     from afedge.pipeline import export_bundle
@@ -46,9 +46,9 @@ def export(out: Path, runtimes: list[str], scan: str, prefill_len: int, chunk: i
     with tempfile.TemporaryDirectory() as tmp:  # random weights: the byte tokenizer (ids 0..255 of the 50280)
         tok = Path(tmp) / "tokenizer.json"
         byte_tokenizer().save(str(tok))
-        export_bundle(program, load_target("host"), out, runtimes, quant, verify=True, steps=steps, progress=progress,
-                      tokenizer=tok, source={"kind": "benchmark", "script": "benchmarks/mamba130m.py",
-                                             "shape": SHAPE, "scan": scan})
+        export_bundle(program, load_target(target), out, runtimes, quant, verify=True, steps=steps,
+                      progress=progress, tokenizer=tok,
+                      source={"kind": "benchmark", "script": "benchmarks/mamba130m.py", "shape": SHAPE, "scan": scan})
     progress("done")
     return times
 
@@ -60,6 +60,7 @@ def main() -> None:
     ap.add_argument("--prefill-len", type=int, default=64)
     ap.add_argument("--chunk-size", type=int, default=16)
     ap.add_argument("--quant", help="quantization scheme (default: the host profile's, fp32), e.g. int8")
+    ap.add_argument("--target", default="host", help="host, or a profile file of your own (NAME.toml)")
     ap.add_argument("--bundle", type=Path, help="bundle directory (default out/bench/mamba130m-<scan>)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results", help="report directory")
     ap.add_argument("--name", help="report name (default mamba130m, or mamba130m-segsum)")
@@ -72,7 +73,8 @@ def main() -> None:
     bundle = a.bundle or ROOT / "out" / "bench" / f"mamba130m-{suffix}"
     if not (bundle / "manifest.json").is_file():
         t = time.perf_counter()
-        times = export(bundle, a.runtimes.split(","), a.scan, a.prefill_len, a.chunk_size, a.gate_steps, a.quant)
+        times = export(bundle, a.runtimes.split(","), a.scan, a.prefill_len, a.chunk_size, a.gate_steps, a.quant,
+                       a.target)
         print(json.dumps({"export_s": times, "total_s": round(time.perf_counter() - t, 1),
                           "load_average": os.getloadavg()}), flush=True)
     if a.export_only:

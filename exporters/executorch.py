@@ -344,7 +344,7 @@ class ExecuTorchExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.simulated_as)
+        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
         quant = plan.scheme
         self.check_quant(quant, target)
         require("executorch.exir", self.extra)

@@ -33,7 +33,16 @@ from afedge.target import Target
 # its 46 export minutes there).
 OPTIMIZE = False
 
-__all__ = ["OnnxExporter", "op_types", "model_nbytes"]
+__all__ = ["OnnxExporter", "op_types", "model_nbytes", "accuracy_level"]
+
+
+def accuracy_level(target: Target) -> int:
+    """The target's `[onnx] accuracy_level` for MatMulNBits: 0 (fp32 compute, the default) to 4 (int8 compute)."""
+    level = target.onnx.get("accuracy_level", 0)
+    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+        raise ExportError(f"target {target.name}: [onnx] accuracy_level must be an integer 0-4 "
+                          f"(MatMulNBits' attribute), got {level!r}")
+    return level
 
 
 @EXPORTERS.register("onnx")
@@ -45,12 +54,19 @@ class OnnxExporter(Exporter):
     quant_schemes: ClassVar[tuple[str, ...]] = ("fp32", "int8", "int8-dyn", "int4-g32", "int4-g128", "qdq-u8",
                                                 "qdq-u16a8w")
     opset: ClassVar[int] = 18                               # default; a target's `[onnx] opset` overrides it
+    # `[onnx] accuracy_level` 4: MatMulNBits computes in int8, quantizing its input per block of K at run time
+    # (ORT's CompInt8; 17x the fp32-compute 8-bit GEMV on this x86 machine). Simulated as the dynamic-activation
+    # scheme with the same weights, so the export guard keeps fp32 what that rounding breaks.
+    int8_compute: ClassVar[dict[str, str]] = {"int8": "int8-dyn", "int4-g32": "8da4w"}
     external_data_threshold: ClassVar[int] = 2 * 1024**3    # bytes of weights above which data goes external
     files: ClassVar[dict[str, str]] = {m: f"{m}.onnx" for m in METHODS}
 
+    def realised_as(self, target: Target) -> dict[str, str]:
+        return self.simulated_as | (self.int8_compute if accuracy_level(target) == 4 else {})
+
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.simulated_as)
+        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
         self.check_quant(plan.scheme, target)
         onnx = require("onnx", self.extra)
         require("onnxscript", self.extra)  # torch.onnx's dynamo exporter needs it
@@ -91,6 +107,9 @@ class OnnxExporter(Exporter):
             info["ir_version"] = int(model.ir_version)
             info["ops"][method] = op_types(model)
             info["bytes"][method] = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
+        if accuracy_level(target) and plan.quantized and plan.spec.activations == "float":
+            qinfo["realised_as"] = (f"MatMulNBits with accuracy_level {accuracy_level(target)} (4: int8 compute, "
+                                    f"inputs quantized per block at run time)")
         info["quant"] = plan.to_json() | qinfo
         return [Artifact(name="onnx", exporter=self.name, runtime=self.runtime, arch="any",
                          files=dict(self.files), info=info)]
@@ -107,7 +126,8 @@ class OnnxExporter(Exporter):
         linears = {n: program.model.get_submodule(n).weight.detach().float().numpy() for n in plan.quantized}
         providers = [p if isinstance(p, str) else p[0] for p in target.onnx.get("providers", [])]
         try:
-            return quantize_graph(path, plan, linears, feeds, qnn="QNNExecutionProvider" in providers)
+            return quantize_graph(path, plan, linears, feeds, qnn="QNNExecutionProvider" in providers,
+                                  accuracy_level=accuracy_level(target))
         except Exception as e:  # noqa: BLE001 - onnxruntime.quantization raises many types
             raise ExportError(f"exporter 'onnx' (target {target.name}): quantizing {path.name} as "
                               f"'{plan.scheme}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}; "

@@ -295,7 +295,7 @@ class TvmExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.simulated_as)
+        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
         self.check_quant(plan.scheme, target)
         from afedge.runtimes.tvm import prime_thread_env
         prime_thread_env()  # before TVM's thread pool starts (compiling runs kernels), so sessions can use >1

@@ -247,6 +247,26 @@ def test_quant_schemes_it_does_not_claim_are_refused(host, tmp_path):
     assert not list(tmp_path.iterdir())
 
 
+def test_accuracy_level_is_a_target_option(host, tmp_path):
+    """`[onnx] accuracy_level` reaches every MatMulNBits node and the manifest, and level 4 (int8 compute) makes the
+    export guard simulate int8 as int8-dyn; without it no node carries the attribute; a value the op lacks is
+    refused, naming the field."""
+    ex, onnx_opts = OnnxExporter(), {k: v for k, v in host.onnx.items() if k != "accuracy_level"}
+    for level in (0, 4):
+        target = dataclasses.replace(host, onnx=onnx_opts | ({"accuracy_level": level} if level else {}))
+        assert ex.realised_as(target).get("int8") == ("int8-dyn" if level else None)
+        [art] = ex.export(_small(), target, "int8", tmp_path / str(level))
+        nodes = [n for n in onnx.load(str(tmp_path / str(level) / "step.onnx")).graph.node
+                 if n.op_type == "MatMulNBits"]
+        levels = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
+        assert nodes and levels == ({4} if level else set())
+        assert art.info["quant"]["methods"]["step"]["accuracy_level"] == level
+    for bad in (5, "4", True):
+        with pytest.raises(ExportError, match=r"target host: \[onnx\] accuracy_level must be an integer 0-4"):
+            ex.export(_small(), dataclasses.replace(host, onnx=onnx_opts | {"accuracy_level": bad}), "int8",
+                      tmp_path / "bad")
+
+
 def test_large_models_use_external_data(host, tmp_path):
     """Above the threshold (lowered here through the target profile) the weights go to <file>.data."""
     program = _small()

@@ -40,3 +40,15 @@ def test_unknown_field_and_unknown_target(tmp_path):
         load_target_file(bad)
     with pytest.raises(TargetError, match="unknown target 'nope'; known: "):
         load_target("nope")
+
+
+def test_a_profile_file_of_ones_own_loads_by_path(tmp_path):
+    """`--target ./host-int8.toml`: a copy of host with one option changed loads from its path, validated."""
+    mine = tmp_path / "host-int8.toml"
+    mine.write_text(open(load_target("host").path).read().replace('name = "host"', 'name = "host-int8"')
+                    .replace('providers = ["CPUExecutionProvider"]',
+                             'providers = ["CPUExecutionProvider"]\naccuracy_level = 4'))
+    t = load_target(str(mine))
+    assert (t.name, t.onnx["accuracy_level"], t.path) == ("host-int8", 4, str(mine))
+    with pytest.raises(TargetError, match=r"nope\.toml: "):
+        load_target(str(tmp_path / "nope.toml"))

@@ -168,10 +168,11 @@ def _reader_cls():
 
 
 def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], calibration: list[dict] | None,
-                   qnn: bool) -> dict:
+                   qnn: bool, accuracy_level: int = 0) -> dict:
     """Quantize the fp32 graph at `path` in place as `plan` says; returns what the manifest records.
 
-    linears: planned layer name -> fp32 weight (N, K); calibration: feeds for static QDQ schemes."""
+    linears: planned layer name -> fp32 weight (N, K); calibration: feeds for static QDQ schemes; accuracy_level:
+    MatMulNBits' compute type for weight-only schemes (4: int8, activations quantized per block at run time)."""
     import onnx
     s: Scheme = plan.spec
     model = onnx.load(str(path))
@@ -185,7 +186,8 @@ def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], 
         info["weight_bytes"] = fp32_bytes
         return info
     if s.activations == "float":
-        model, info["ops"] = _weight_only(model, plan, nodes, linears), "MatMulNBits"
+        model, info["ops"] = _weight_only(model, plan, nodes, linears, accuracy_level), "MatMulNBits"
+        info["accuracy_level"] = accuracy_level
     else:
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
@@ -203,7 +205,8 @@ def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], 
     return info
 
 
-def _weight_only(model, plan: QuantPlan, nodes: dict[str, str], linears: dict[str, np.ndarray]):
+def _weight_only(model, plan: QuantPlan, nodes: dict[str, str], linears: dict[str, np.ndarray],
+                 accuracy_level: int):
     """MatMulNBits for the planned MatMuls, one quantizer run per (bits, block size); int8 has one block per
     output channel (K rounded up to a power of two, as MatMulNBits requires) up to MAX_BLOCK inputs."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -218,7 +221,8 @@ def _weight_only(model, plan: QuantPlan, nodes: dict[str, str], linears: dict[st
         # nodes_to_include only adds to op_types_to_quantize (ORT 1.32): exclude every other MatMul instead.
         others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in set(names)]
         q = MatMulNBitsQuantizer(model, bits=bits, block_size=block, is_symmetric=True,
-                                 nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+                                 accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                 op_types_to_quantize=("MatMul",))
         q.process()
         model = q.model.model
     return model
