@@ -74,6 +74,9 @@ RSS_SLACK_BYTES = 16 * 1024 * 1024
 CHAT_RSS_GROWTH_BYTES = 1024 * 1024
 # The demo chat model's acceptance: held-out exact match (afedge eval), fp32, on every runtime.
 DEMO_MIN_ACCURACY = 0.90
+# ...and what quantized weights may cost it against the fp32 reference on the same questions (measured, int4-g32 on
+# ORT and TVM: 0 of 1,044 questions).
+DEMO_QUANT_ACCURACY_DROP = 0.01
 
 
 def tolerance(profile: str) -> Tolerance:
