@@ -36,10 +36,14 @@ OPTIMIZE = False
 __all__ = ["OnnxExporter", "op_types", "model_nbytes", "accuracy_level"]
 
 
+# MatMulNBits' `accuracy_level` -> the type it computes in (0: unset, the kernel's default, fp32 on CPU).
+COMPUTE = {0: "fp32", 1: "fp32", 2: "fp16", 3: "bf16", 4: "int8"}
+
+
 def accuracy_level(target: Target) -> int:
-    """The target's `[onnx] accuracy_level` for MatMulNBits: 0 (fp32 compute, the default) to 4 (int8 compute)."""
+    """The target's `[onnx] accuracy_level` for MatMulNBits: 0 (unset, the default) to 4 (int8 compute)."""
     level = target.onnx.get("accuracy_level", 0)
-    if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= 4:
+    if not isinstance(level, int) or isinstance(level, bool) or level not in COMPUTE:
         raise ExportError(f"target {target.name}: [onnx] accuracy_level must be an integer 0-4 "
                           f"(MatMulNBits' attribute), got {level!r}")
     return level
@@ -55,8 +59,8 @@ class OnnxExporter(Exporter):
                                                 "qdq-u16a8w")
     opset: ClassVar[int] = 18                               # default; a target's `[onnx] opset` overrides it
     # `[onnx] accuracy_level` 4: MatMulNBits computes in int8, quantizing its input per block of K at run time
-    # (ORT's CompInt8; 17x the fp32-compute 8-bit GEMV on this x86 machine). Simulated as the dynamic-activation
-    # scheme with the same weights, so the export guard keeps fp32 what that rounding breaks.
+    # (ORT's CompInt8; the 130M Mamba's int8 decode 13x level 0's here, README "Performance"). Simulated as the
+    # dynamic-activation scheme with the same weights, so the export guard keeps fp32 what that rounding breaks.
     int8_compute: ClassVar[dict[str, str]] = {"int8": "int8-dyn", "int4-g32": "8da4w"}
     external_data_threshold: ClassVar[int] = 2 * 1024**3    # bytes of weights above which data goes external
     files: ClassVar[dict[str, str]] = {m: f"{m}.onnx" for m in METHODS}
@@ -66,6 +70,7 @@ class OnnxExporter(Exporter):
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
                out_dir: Path) -> list[Artifact]:
+        level = accuracy_level(target)
         plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
         self.check_quant(plan.scheme, target)
         onnx = require("onnx", self.extra)
@@ -91,7 +96,7 @@ class OnnxExporter(Exporter):
             onnx_program = self._export_graph(program, method, opset, target)
             onnx_program.save(str(path), external_data=external)
             info["export_seconds"][method] = round(time.perf_counter() - t0, 3)
-            qinfo["methods"][method] = self._quantize(path, program, plan, feeds.get(method), target, external)
+            qinfo["methods"][method] = self._quantize(path, program, plan, feeds.get(method), target, external, level)
             qinfo["weight_bytes"] += qinfo["methods"][method]["weight_bytes"]
             qinfo["fp32_weight_bytes"] += qinfo["methods"][method]["fp32_weight_bytes"]
             data = path.with_name(path.name + ".data")
@@ -107,15 +112,15 @@ class OnnxExporter(Exporter):
             info["ir_version"] = int(model.ir_version)
             info["ops"][method] = op_types(model)
             info["bytes"][method] = path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-        if accuracy_level(target) and plan.quantized and plan.spec.activations == "float":
-            qinfo["realised_as"] = (f"MatMulNBits with accuracy_level {accuracy_level(target)} (4: int8 compute, "
-                                    f"inputs quantized per block at run time)")
+        if level and plan.quantized and plan.spec.activations == "float":
+            qinfo["realised_as"] = f"MatMulNBits computing in {COMPUTE[level]} (accuracy_level {level})" + (
+                ": inputs quantized per block at run time" if COMPUTE[level] == "int8" else "")
         info["quant"] = plan.to_json() | qinfo
         return [Artifact(name="onnx", exporter=self.name, runtime=self.runtime, arch="any",
                          files=dict(self.files), info=info)]
 
     def _quantize(self, path: Path, program: RecurrentProgram, plan: QuantPlan, feeds: list | None,
-                  target: Target, external: bool) -> dict:
+                  target: Target, external: bool, level: int) -> dict:
         """Quantize the saved fp32 graph of one method in place (nothing to do for fp32); what it did, in bytes."""
         if not plan.quantized:
             onnx = require("onnx", self.extra)
@@ -127,7 +132,7 @@ class OnnxExporter(Exporter):
         providers = [p if isinstance(p, str) else p[0] for p in target.onnx.get("providers", [])]
         try:
             return quantize_graph(path, plan, linears, feeds, qnn="QNNExecutionProvider" in providers,
-                                  accuracy_level=accuracy_level(target))
+                                  accuracy_level=level)
         except Exception as e:  # noqa: BLE001 - onnxruntime.quantization raises many types
             raise ExportError(f"exporter 'onnx' (target {target.name}): quantizing {path.name} as "
                               f"'{plan.scheme}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}; "

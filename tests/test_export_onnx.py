@@ -261,6 +261,8 @@ def test_accuracy_level_is_a_target_option(host, tmp_path):
         levels = {a.i for n in nodes for a in n.attribute if a.name == "accuracy_level"}
         assert nodes and levels == ({4} if level else set())
         assert art.info["quant"]["methods"]["step"]["accuracy_level"] == level
+        assert ("computing in int8" in art.info["quant"]["realised_as"]) if level else \
+            "realised_as" not in art.info["quant"]
     for bad in (5, "4", True):
         with pytest.raises(ExportError, match=r"target host: \[onnx\] accuracy_level must be an integer 0-4"):
             ex.export(_small(), dataclasses.replace(host, onnx=onnx_opts | {"accuracy_level": bad}), "int8",
