@@ -49,11 +49,12 @@ def main() -> None:
     ap.add_argument("--sizes", default="64:16,64:8,64:4,64:2,64:1")
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--scan", default="segsum", help="the mamba mixer's in-chunk scan: segsum or sequential")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     model = LM(LMConfig(vocab_size=256, d_model=768, n_layers=a.layers, mixer="mamba", mlp_ratio=0,
-                        mixer_kwargs={"d_state": 16, "expand": 2, "d_conv": 4}))
-    print(f"load average {os.getloadavg()}; {a.layers} layers, {a.threads} threads, {a.tokens} tokens")
+                        mixer_kwargs={"d_state": 16, "expand": 2, "d_conv": 4, "scan": a.scan}))
+    print(f"load average {os.getloadavg()}; {a.layers} layers, {a.scan} scan, {a.threads} threads, {a.tokens} tokens")
     for size in a.sizes.split(","):
         n, c = map(int, size.split(":"))
         with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,12 @@ INT4_SQNR_DB: dict[tuple[str, str, str], float] = {
 }
 QUANT_GAPS |= {k: f"int4 weights: logits SQNR {db} dB < 20 dB on this random-init d_model-32 model"
                for k, db in INT4_SQNR_DB.items()}
+# Measured (the slow host int4-g128 matrix, re-run this stop): at d_model 32 the group of 128 divides only the
+# MLP's down projections, and those alone at int4 flip mega's argmax on the 17-position static workload although the
+# logits keep 23.3 dB (the flipped positions' fp32 top-2 margins are 0.08-0.67 against a logit std of 2.9).
+QUANT_GAPS |= {("mega", rt, "int4-g128"): f"int4 weights (mlp.2 only at d_model 32): static-workload top-1 {top1} "
+                                          "< 0.95 at 23.3 dB, thin fp32 margins on this random-init model"
+               for rt, top1 in (("onnx", "0.824"), ("tvm", "0.765"))}
 
 
 @cache
