@@ -140,6 +140,10 @@ def test_a_quantized_artifact_is_bounded_by_its_own_weight_bytes(head, tied):
     assert q["weight_bytes_per_token"] == read and q["bytes_per_token"] == read + 2000
     assert q["decode_upper_bound_tok_s"] == round(10e9 / (read + 2000), 2)
     assert artifact_roofline(roof, {"scheme": "fp32", "weight_bytes": 50_000}, model) is None
+    # one file per method (ONNX): the step reads its own graph's weights, not the sum over both graphs
+    per_method = {"scheme": "int8", "weight_bytes": 100_000, "policy": {"head": head},
+                  "methods": {"step": {"weight_bytes": 50_000}, "prefill": {"weight_bytes": 50_000}}}
+    assert artifact_roofline(roof, per_method, model)["weight_bytes_per_token"] == read
 
 
 def test_the_bandwidth_probe_runs_on_as_many_threads_as_the_runtimes():
