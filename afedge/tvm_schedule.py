@@ -107,15 +107,26 @@ def _fuse_epilogues(sch: s_tir.Schedule, epilogues: list, loop) -> bool:
 
 
 def _inline_prologue(sch: s_tir.Schedule, infos: list) -> list | None:
-    """Inline the injective blocks before a kernel's first reduction (a weight's dequantization, fused by
-    afedge.tvm_dequant) into it; the block infos after, or None if one cannot be inlined."""
+    """Inline the injective blocks before a kernel's first reduction that compute its weight from integers (a
+    dequantization fused by afedge.tvm_dequant, or the nibbles of QuantLinear's one-row int4 reduction) into it.
+    Blocks computing its activation (producers FuseOps fused into a reduction: an MLP's gelu) stay ahead of it and
+    run once, not once per output column. The block infos from the reduction on, or None if a weight block cannot
+    be inlined."""
     lead = next((n for n, b in enumerate(infos) if not b.is_injective()), 0)
+    weight_side: list = []  # buffers computed from the integers
     try:
         for b in infos[:lead]:
-            sch.compute_inline(b.block_rv)
+            block = sch.get(b.block_rv)
+            if any(str(r.source.dtype).startswith(("int", "uint")) or any(r.source.same_as(w) for w in weight_side)
+                   for r in block.reads):
+                weight_side += [w.source for w in block.writes]
+                sch.compute_inline(b.block_rv)
     except ScheduleError:
         return None
-    return normalize_prim_func(sch) if lead else infos
+    if not lead:
+        return infos
+    infos = normalize_prim_func(sch)
+    return infos[next(n for n, b in enumerate(infos) if not b.is_injective()):]
 
 
 def _weight_reads(reads: list, j, k, weight_nk: bool) -> bool:

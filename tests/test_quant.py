@@ -18,7 +18,8 @@ from afedge.quant import SCHEMES, QuantPolicy, plan_quant, resolve_plan, scheme
 from afedge.quant.auto import AUTO_ORDER, auto_plan
 from afedge.quant.policy import EMBEDDING, HEAD, NORM, STATE_SENSITIVE, mixer_fp32_names
 from afedge.quant.sensitivity import gate_error, gate_logits, gate_probe, sensitivity_report, simulated_error
-from afedge.quant.weights import dequantize, pack_int4, quantize, unpack_int4
+from afedge.quant.weights import QuantLinear, dequantize, pack_int4, quantize, unpack_int4
+from afedge.parity.metrics import max_rel
 from afedge.registry import RegistryError
 from afedge.tolerances import AUTO_MARGIN_DB, TOLERANCES, tolerance
 
@@ -124,6 +125,17 @@ def test_weight_quantization_roundtrip(bits, group):
         packed = pack_int4(q)
         assert packed.dtype == torch.uint8 and packed.shape == (16, 128)
         assert torch.equal(unpack_int4(packed).to(torch.int8), q)
+
+
+@pytest.mark.parametrize("group", [32, 0])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_an_int4_linear_computes_with_its_dequantized_weight(group, rows):
+    """One row (a decode step: QuantLinear's reduction over the packed nibbles) or a block of rows (the matmul)."""
+    torch.manual_seed(0)
+    lin = QuantLinear(torch.nn.Linear(256, 48), 4, group)
+    x = torch.randn(1, rows, 256)
+    want = torch.nn.functional.linear(x, lin.weight(), lin.bias)
+    assert max_rel(lin(x).detach().numpy(), want.detach().numpy()) <= tolerance("fp32").max_rel
 
 
 def test_sensitivity_report_covers_the_plan_most_sensitive_first():

@@ -62,6 +62,18 @@ class _QLinear(torch.nn.Module):
         return torch.relu(self.lin(x))
 
 
+class _QAfterGelu(torch.nn.Module):
+    """An int4 projection of an activation (an MLP's down projection): on one row FuseOps fuses the gelu into
+    QuantLinear's reduction, ahead of the nibbles."""
+
+    def __init__(self, k: int, n: int) -> None:
+        super().__init__()
+        self.lin = QuantLinear(torch.nn.Linear(k, n), 4, 32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(torch.nn.functional.gelu(x, approximate="tanh"))
+
+
 class _QResidual(torch.nn.Module):
     """A quantized projection onto a residual stream (out_proj): its epilogue takes the scales and the residual."""
 
@@ -219,16 +231,29 @@ def test_an_epilogue_block_of_inputs_only_is_not_computed_per_tile(rows):
 @pytest.mark.parametrize("bits", [8, 4], ids=["int8", "int4-g32"])
 def test_a_decode_matmul_reads_the_quantized_weight_itself(bits):
     """Decode: the dequantization is fused into the scheduled GEMV, which reads the integers (no fp32 copy of the
-    weight is written); a prefill block keeps one dequantizing kernel and reads its fp32 output."""
+    weight is written; int4: QuantLinear's one-row reduction over the packed nibbles); a prefill block keeps one
+    dequantizing kernel and reads its fp32 output."""
     torch.manual_seed(0)
     model = _QLinear(128, 96, bits, 32 if bits == 4 else 0)
     stored = '"int8"' if bits == 8 else '"uint8"'
     for rows, fused in ((1, True), (64, False)):
         tir = _lowered(model, torch.randn(1, rows, 128))
-        (name, script), = ((n, s) for n, s in tir.items() if "matmul" in n)
-        assert "T.parallel" in script and "T.vectorized" in script, f"{name} left unscheduled"
-        assert (stored in script) is fused, f"rows {rows}: {name} {'does not read' if fused else 'reads'} {stored}"
-        assert any(stored in s for s in tir.values())
+        (reader, script), = ((n, s) for n, s in tir.items() if stored in s)  # the one kernel taking the integers
+        if fused:  # it is the GEMV: register accumulators, columns in parallel, k in vectors
+            assert all(w in script for w in ("_rf_local", "T.parallel", "T.vectorized")), f"{reader} unscheduled"
+            assert "// T.int64(2)]" not in script, f"{reader} gathers each packed byte at k // 2"
+        else:
+            (name, mm), = ((n, s) for n, s in tir.items() if "matmul" in n)
+            assert name != reader and "T.parallel" in mm and "T.vectorized" in mm, f"{name} left unscheduled"
+
+
+def test_an_activation_fused_ahead_of_an_int4_gemv_runs_once_and_the_gemv_is_scheduled():
+    """The gelu stays a block of its own ahead of the reduction (inlined, it would run once per output column)."""
+    torch.manual_seed(0)
+    model, x = _QAfterGelu(256, 96).eval(), torch.randn(1, 1, 256)
+    (name, script), = ((n, s) for n, s in _lowered(model, x).items() if '"uint8"' in s)
+    assert "gelu" in name and all(w in script for w in ("_rf_local", "T.parallel", "T.vectorized")), name
+    assert max_rel(_compiled(model, x), model(x).detach().numpy()) <= TOL.max_rel
 
 
 @pytest.mark.parametrize(("bits", "group", "rows"), [(8, 0, 1), (4, 32, 1), (4, 0, 1), (8, 0, 6)], ids=str)
