@@ -14,12 +14,12 @@ import torch
 from afedge import LM, LMConfig
 from afedge.exporting import EXPORTERS, load_plugins
 from afedge.mixers import MIXERS
+from afedge.parity.metrics import max_rel
 from afedge.quant import SCHEMES, QuantPolicy, plan_quant, resolve_plan, scheme
 from afedge.quant.auto import AUTO_ORDER, auto_plan
 from afedge.quant.policy import EMBEDDING, HEAD, NORM, STATE_SENSITIVE, mixer_fp32_names
 from afedge.quant.sensitivity import gate_error, gate_logits, gate_probe, sensitivity_report, simulated_error
 from afedge.quant.weights import QuantLinear, dequantize, pack_int4, quantize, unpack_int4
-from afedge.parity.metrics import max_rel
 from afedge.registry import RegistryError
 from afedge.tolerances import AUTO_MARGIN_DB, TOLERANCES, tolerance
 

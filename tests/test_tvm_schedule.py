@@ -253,6 +253,7 @@ def test_an_activation_fused_ahead_of_an_int4_gemv_runs_once_and_the_gemv_is_sch
     model, x = _QAfterGelu(256, 96).eval(), torch.randn(1, 1, 256)
     (name, script), = ((n, s) for n, s in _lowered(model, x).items() if '"uint8"' in s)
     assert "gelu" in name and all(w in script for w in ("_rf_local", "T.parallel", "T.vectorized")), name
+    assert script.rindex("T.tanh") < script.index("T.parallel"), f"{name}: the gelu runs inside the column loop"
     assert max_rel(_compiled(model, x), model(x).detach().numpy()) <= TOL.max_rel
 
 

@@ -7,8 +7,6 @@ exported graph carries the small integers and the dequantization as ops.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -102,7 +100,7 @@ class QuantLinear(nn.Module):
         return (x[..., 0::2].unsqueeze(-2) * lo + x[..., 1::2].unsqueeze(-2) * hi).sum(-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.bits == 4 and math.prod(x.shape[:-1]) == 1:
+        if self.bits == 4 and x.numel() == x.shape[-1]:  # one row
             y = self._gemv_int4(x)
         elif self.scale.shape[1] == 1:  # one scale per output row: it factors out of the sum, (x @ q^T) * scale
             y = F.linear(x, self._ints().to(torch.float32)) * self.scale[:, 0]
