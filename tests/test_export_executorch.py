@@ -122,6 +122,21 @@ def test_parity_prefill_then_greedy_decode(mixer, request, tmp_path_factory):
     et.close()
 
 
+def test_a_returned_state_is_not_overwritten_by_the_next_call(request, tmp_path_factory):
+    """The session takes the method's outputs uncloned (views of its planned buffers) and must copy them: a state
+    (and logits) it returned stay as they were when the next step or prefill runs."""
+    program, art, out = _host_export("retnet", request, tmp_path_factory)
+    et = _open(art, out, program)
+    logits, state = et.step(np.array([3]), et.init_state())
+    kept = [logits.copy(), *(a.copy() for a in state)]
+    et.step(np.array([7]), state)
+    et.prefill(np.full((1, program.prefill_len), 5, dtype=np.int64), state)
+    for name, a, b in zip(["logits", *program.spec.names], [logits, *state], kept):
+        np.testing.assert_array_equal(a, b, err_msg=f"{name} changed under a later call")
+    assert not np.array_equal(et.step(np.array([7]), state)[0], logits)   # the calls did compute something else
+    et.close()
+
+
 @pytest.mark.parametrize("mixer", _mixer_params())
 def test_pte_holds_both_methods_and_report(mixer, request, tmp_path_factory):
     from executorch.runtime import Runtime
