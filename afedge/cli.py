@@ -7,6 +7,7 @@ from pathlib import Path
 
 import afedge
 from afedge.bench.cli import add_parser as add_bench_parser
+from afedge.quant.policy import EMBEDDING_CHOICES, HEAD_CHOICES
 
 
 def _console():
@@ -30,6 +31,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from rich.table import Table
 
     from afedge.pipeline import export_bundle
+    from afedge.quant.policy import QuantPolicy
     from afedge.rewrite import to_recurrent
     from afedge.target import load_target
     from afedge.zoo import resolve_model
@@ -42,7 +44,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     with con.status(f"exporting for {target.name}") as status:
         bundle, results = export_bundle(program, target, out, exporters, args.quant, not args.no_verify,
                                         args.steps, resolved.source, progress=lambda m: status.update(m),
-                                        tokenizer=resolved.tokenizer, allow_nonfinite=args.allow_nonfinite)
+                                        tokenizer=resolved.tokenizer, allow_nonfinite=args.allow_nonfinite,
+                                        policy=QuantPolicy(head=args.quant_head, embedding=args.quant_embedding))
     gate = {r.artifact: r for r in results}
     table = Table("artifact", "runtime", "arch", "files", "size", "parity", title=f"bundle {out}")
     for art in bundle.artifacts:
@@ -184,6 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--quant", help="quant scheme id: fp32, fp16, int8, int8-dyn, int4-g32, int4-g128, 8da4w, "
                                    "qdq-u8, qdq-u16a8w, or 'auto' (per exporter, from the per-layer sensitivity "
                                    "report); default: the target's (README: Quantization)")
+    s.add_argument("--quant-head", choices=HEAD_CHOICES, default="int8",
+                   help="LM head under a weight scheme: its 8-bit sibling (default), fp32, or the scheme itself")
+    s.add_argument("--quant-embedding", choices=EMBEDDING_CHOICES, default="fp32",
+                   help="token embedding under a weight scheme: fp32 (default), int8 (one scale per row), or the "
+                        "scheme's bits and group; a tied head quantized alike shares its integers")
     s.add_argument("--out", help="bundle directory (default: out/<target>)")
     s.add_argument("--steps", type=int, default=256, help="decode steps in the parity gate")
     s.add_argument("--no-verify", action="store_true", help="write the bundle even if the parity gate fails")

@@ -1,4 +1,4 @@
-"""The exporter contract: `export(program, target, quant, out_dir) -> [Artifact]`, one file per exporter."""
+"""The exporter contract: `export(program, target, quant, out_dir, policy) -> [Artifact]`, one file per exporter."""
 from __future__ import annotations
 
 import importlib
@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
+from afedge.quant.policy import QuantPolicy
 from afedge.registry import Registry
 from afedge.rewrite import RecurrentProgram
 from afedge.target import Target
@@ -54,7 +55,10 @@ class Exporter:
         """`simulated_as` on `target` (an exporter whose realisation depends on target options overrides this)."""
         return self.simulated_as
 
-    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path) -> list[Artifact]:
+    def export(self, program: RecurrentProgram, target: Target, quant: str, out_dir: Path,
+               policy: QuantPolicy = QuantPolicy()) -> list[Artifact]:
+        """Artifacts written under `out_dir`; `quant` a scheme id, "auto" or a QuantPlan, `policy` what the
+        scheme leaves fp32 (the embedding, the head: afedge.quant.policy)."""
         raise NotImplementedError
 
     def check_quant(self, quant: str, target: Target) -> None:

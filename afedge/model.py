@@ -98,7 +98,7 @@ class LM(nn.Module):
         return StateSpec(tuple(s for i, b in enumerate(self.blocks) for s in qualify(b.mixer.state_slots(batch), i)))
 
     def init_state(self, batch: int = 1) -> State:
-        return self.state_spec(batch).init(self.embed.weight.device)
+        return self.state_spec(batch).init(next(self.parameters()).device)
 
     def _split(self, state: State) -> list[State]:
         """Flat program state -> one tuple per layer."""

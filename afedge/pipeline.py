@@ -19,6 +19,7 @@ from afedge.parity.noise import Judge
 from afedge.parity.workloads import GATE_STEPS, Workload, prompt_decode
 from afedge.precision import check_fp16_range
 from afedge.quant.gate import quant_summary, tolerance_name
+from afedge.quant.policy import QuantPolicy
 from afedge.rewrite import RecurrentProgram, to_recurrent
 from afedge.session import RUNTIMES, ArtifactSession, RuntimeUnavailable
 from afedge.target import Target
@@ -88,9 +89,11 @@ def run_gate(bundle: Bundle, workload: Workload, tol_name: str, progress: Progre
 def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporters: list[str] | None = None,
                   quant: str | None = None, verify: bool = True, steps: int = GATE_STEPS, source: dict | None = None,
                   progress: Progress = print, tokenizer: Path | None = None,
-                  allow_nonfinite: bool = False) -> tuple[Bundle, list[GateResult]]:
+                  allow_nonfinite: bool = False,
+                  policy: QuantPolicy = QuantPolicy()) -> tuple[Bundle, list[GateResult]]:
     """Export `program` for `target` into the bundle directory `out` (atomically) and run the parity gate.
 
+    policy: what the quant scheme leaves fp32 or quantizes otherwise (the embedding, the LM head).
     tokenizer: a `tokenizer.json` to carry into the bundle (None: the byte-level tokenizer, vocab 256).
     allow_nonfinite: export weights holding NaN / Inf instead of refusing them."""
     load_plugins()
@@ -105,9 +108,9 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
         for n in names:
             progress(f"export {n}")
             try:
-                artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp))
+                artifacts.extend(EXPORTERS.get(n)().export(program, target, quant, tmp, policy))
             except ExportError as e:
-                raise _with_fallback(e, n, names, program, target, quant, tmp, progress) from e
+                raise _with_fallback(e, n, names, program, target, quant, tmp, progress, policy) from e
         save_checkpoint(program.model, tmp / REFERENCE_DIR)
         tok.save(str(tmp / TOKENIZER))
         manifest = _manifest(program, target, quant, artifacts, source or {})
@@ -127,14 +130,14 @@ def export_bundle(program: RecurrentProgram, target: Target, out: Path, exporter
 
 
 def _with_fallback(err: ExportError, failed: str, names: list[str], program: RecurrentProgram, target: Target,
-                   quant: str, tmp: Path, progress: Progress) -> ExportError:
+                   quant: str, tmp: Path, progress: Progress, policy: QuantPolicy) -> ExportError:
     """`err`, plus the fallback that works: the target's other exporters are tried (into a scratch folder of the
     staged bundle, discarded with it) and the ones that export are named as a `--runtimes` list."""
     ok = []
     for n in (x for x in target.exporters if x != failed and x in EXPORTERS):
         progress(f"export {n} (fallback check)")
         try:
-            EXPORTERS.get(n)().export(program, target, quant, tmp / f".fallback-{n}")
+            EXPORTERS.get(n)().export(program, target, quant, tmp / f".fallback-{n}", policy)
             ok.append(n)
         except ExportError:
             pass

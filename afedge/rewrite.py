@@ -64,7 +64,7 @@ class RecurrentProgram:
         return self.model.cfg.vocab_size
 
     def init_state(self) -> State:
-        return self.spec.init(self.model.embed.weight.device)
+        return self.spec.init(next(self.model.parameters()).device)
 
     @torch.no_grad()
     def step(self, token: Tensor, state: State) -> tuple[Tensor, State]:

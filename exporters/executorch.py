@@ -28,9 +28,10 @@ from pathlib import Path
 from typing import ClassVar
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
-from afedge.quant import QuantPlan, resolve_plan
+from afedge.quant import QuantPlan, QuantPolicy, resolve_plan
 from afedge.quant import scheme as get_scheme
 from afedge.quant.et_torchao import REALISED_AS
+from afedge.quant.weights import embedding_bytes
 from afedge.rewrite import METHODS, RecurrentProgram
 from afedge.target import Target
 
@@ -343,8 +344,8 @@ class ExecuTorchExporter(Exporter):
         return parts, specs
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
-               out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
+               out_dir: Path, policy: QuantPolicy = QuantPolicy()) -> list[Artifact]:
+        plan = resolve_plan(quant, program.model, self.quant_schemes, policy, self.realised_as(target))
         quant = plan.scheme
         self.check_quant(quant, target)
         require("executorch.exir", self.extra)
@@ -354,7 +355,7 @@ class ExecuTorchExporter(Exporter):
 
         t0 = time.perf_counter()
         keep = None
-        if plan.quantized:
+        if plan.layers:
             from afedge.quant.et_torchao import keep_ops, torchao_quantized
             require("torchao.quantization", self.extra)
             program, keep = RecurrentProgram(torchao_quantized(program.model, plan), program.chunk_size,
@@ -397,7 +398,8 @@ class ExecuTorchExporter(Exporter):
             "export_s": round(export_s, 2), "lower_s": round(lower_s, 2),
             "to_executorch_s": round(time.perf_counter() - t2, 2),
             "quant": plan.to_json() | {"weight_bytes": pte_weight_bytes(path)}
-                     | ({"realised_as": REALISED_AS[quant]} if quant in REALISED_AS else {}),
+                     | ({"realised_as": REALISED_AS[quant]} if quant in REALISED_AS else {})
+                     | ({"embedding_bytes": embedding_bytes(program.model)} if plan.embedding else {}),
         }
         if coreml:
             info["coreml"] = specs["coreml"]

@@ -20,7 +20,7 @@ from typing import ClassVar
 import torch
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
-from afedge.quant import QuantPlan, resolve_plan
+from afedge.quant import QuantPlan, QuantPolicy, resolve_plan
 from afedge.quant.calibration import calibration_feeds
 from afedge.quant.onnx_ort import quantize_graph, weight_bytes
 from afedge.rewrite import METHODS, RecurrentProgram
@@ -69,9 +69,9 @@ class OnnxExporter(Exporter):
         return self.simulated_as | (self.int8_compute if accuracy_level(target) == 4 else {})
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
-               out_dir: Path) -> list[Artifact]:
+               out_dir: Path, policy: QuantPolicy = QuantPolicy()) -> list[Artifact]:
         level = accuracy_level(target)
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
+        plan = resolve_plan(quant, program.model, self.quant_schemes, policy, self.realised_as(target))
         self.check_quant(plan.scheme, target)
         onnx = require("onnx", self.extra)
         require("onnxscript", self.extra)  # torch.onnx's dynamo exporter needs it
@@ -81,7 +81,7 @@ class OnnxExporter(Exporter):
         threshold = int(target.onnx.get("external_data_threshold", self.external_data_threshold))
         weights = model_nbytes(program.model)
         external = weights > threshold
-        if external and plan.quantized:
+        if external and plan.layers:
             raise ExportError(f"exporter 'onnx' (target {target.name}): quant '{plan.scheme}' of a model above "
                               f"the external-data threshold ({weights} > {threshold} bytes) is not supported; "
                               f"export fp32, or use the executorch / tvm exporter")
@@ -122,7 +122,7 @@ class OnnxExporter(Exporter):
     def _quantize(self, path: Path, program: RecurrentProgram, plan: QuantPlan, feeds: list | None,
                   target: Target, external: bool, level: int) -> dict:
         """Quantize the saved fp32 graph of one method in place (nothing to do for fp32); what it did, in bytes."""
-        if not plan.quantized:
+        if not plan.layers:
             onnx = require("onnx", self.extra)
             n = weight_bytes(onnx.load(str(path), load_external_data=True)) if not external else model_nbytes(
                 program.model)
@@ -132,7 +132,7 @@ class OnnxExporter(Exporter):
         providers = [p if isinstance(p, str) else p[0] for p in target.onnx.get("providers", [])]
         try:
             return quantize_graph(path, plan, linears, feeds, qnn="QNNExecutionProvider" in providers,
-                                  accuracy_level=level)
+                                  accuracy_level=level, embedding=program.model.embed.weight.detach().float().numpy())
         except Exception as e:  # noqa: BLE001 - onnxruntime.quantization raises many types
             raise ExportError(f"exporter 'onnx' (target {target.name}): quantizing {path.name} as "
                               f"'{plan.scheme}' failed: {type(e).__name__}: {str(e).strip().splitlines()[0]}; "

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import ClassVar
 
 from afedge.exporting import EXPORTERS, Artifact, Exporter, ExportError, require
-from afedge.quant import QuantPlan, resolve_plan
-from afedge.quant.weights import quantized_copy
+from afedge.quant import QuantPlan, QuantPolicy, resolve_plan
+from afedge.quant.weights import embedding_bytes, quantized_copy
 from afedge.rewrite import METHODS, RecurrentProgram
 from afedge.target import Target, host_arch
 
@@ -294,8 +294,8 @@ class TvmExporter(Exporter):
     host_target: ClassVar[dict] = HOST_TARGET
 
     def export(self, program: RecurrentProgram, target: Target, quant: str | QuantPlan,
-               out_dir: Path) -> list[Artifact]:
-        plan = resolve_plan(quant, program.model, self.quant_schemes, simulated_as=self.realised_as(target))
+               out_dir: Path, policy: QuantPolicy = QuantPolicy()) -> list[Artifact]:
+        plan = resolve_plan(quant, program.model, self.quant_schemes, policy, self.realised_as(target))
         self.check_quant(plan.scheme, target)
         from afedge.runtimes.tvm import prime_thread_env
         prime_thread_env()  # before TVM's thread pool starts (compiling runs kernels), so sessions can use >1
@@ -350,15 +350,16 @@ class TvmExporter(Exporter):
         """(IRModule, late params or None, the manifest's quant record). weight_bytes counts the tensors bound
         into the library: every float parameter plus, when quantized, the packed integers and their scales."""
         fp32 = sum(p.numel() * p.element_size() for p in program.model.parameters())
-        if not plan.quantized:
+        if not plan.layers:
             return import_program(program), None, plan.to_json() | {"weight_bytes": fp32, "fp32_weight_bytes": fp32}
         layers = {n: (plan.scheme_of(n).weight_bits, plan.scheme_of(n).group) for n in plan.quantized}
-        qprogram = RecurrentProgram(quantized_copy(program.model, layers), program.chunk_size,
+        qprogram = RecurrentProgram(quantized_copy(program.model, layers, plan.embedding), program.chunk_size,
                                     program.prefill_len, program.batch)
         mod, late = import_quantized(qprogram)
         nbytes = sum(p.numel() * p.element_size() for p in qprogram.model.parameters())
         packed = {n: t.numpy().nbytes for params in late.values() for n, t in params.items()}
         return mod, late, plan.to_json() | {"weight_bytes": nbytes, "fp32_weight_bytes": fp32,
                                             "packed_bytes": sum(packed.values()),
-                                            "realised_as": "QuantLinear: int8 / packed int4 + fp32 scales, "
-                                                           "dequantized in the graph"}
+                                            "embedding_bytes": embedding_bytes(qprogram.model),
+                                            "realised_as": "QuantLinear / QuantEmbedding: int8 / packed int4 + fp32 "
+                                                           "scales, dequantized in the graph"}

@@ -146,6 +146,17 @@ def test_a_quantized_artifact_is_bounded_by_its_own_weight_bytes(head, tied):
     assert artifact_roofline(roof, per_method, model)["weight_bytes_per_token"] == read
 
 
+@pytest.mark.parametrize("head", ["int8", "fp32"])
+def test_a_quantized_embedding_is_read_one_row_of_its_own_bytes(head):
+    """A quantized table (int8 rows + a scale each: 256 x 36 bytes) is read one row; an fp32 tied head still reads
+    the fp32 table the file holds besides it."""
+    model = LM(LMConfig(vocab_size=256, d_model=32, n_layers=1, mixer="retnet"))
+    roof = roofline(model, 1000, 10.0)
+    quant = {"scheme": "int8", "weight_bytes": 50_000, "embedding_bytes": 256 * 36, "policy": {"head": head},
+             "embedding": {"bits": 8, "group": 0}}
+    assert artifact_roofline(roof, quant, model)["weight_bytes_per_token"] == 50_000 - 256 * 36 + 36
+
+
 def test_the_bandwidth_probe_runs_on_as_many_threads_as_the_runtimes():
     from afedge.bench.roofline import measure_bandwidth
     one, two = measure_bandwidth(8, 1), measure_bandwidth(8, 1, threads=2)

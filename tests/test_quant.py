@@ -19,7 +19,8 @@ from afedge.quant import SCHEMES, QuantPolicy, plan_quant, resolve_plan, scheme
 from afedge.quant.auto import AUTO_ORDER, auto_plan
 from afedge.quant.policy import EMBEDDING, HEAD, NORM, STATE_SENSITIVE, mixer_fp32_names
 from afedge.quant.sensitivity import gate_error, gate_logits, gate_probe, sensitivity_report, simulated_error
-from afedge.quant.weights import QuantLinear, dequantize, pack_int4, quantize, unpack_int4
+from afedge.quant.simulate import simulated
+from afedge.quant.weights import QuantLinear, dequantize, fake_quant_weight, pack_int4, quantize, unpack_int4
 from afedge.registry import RegistryError
 from afedge.tolerances import AUTO_MARGIN_DB, TOLERANCES, tolerance
 
@@ -99,6 +100,39 @@ def test_head_is_an_explicit_choice():
     assert plan_quant(model, "int4-g32", QuantPolicy(head="scheme")).overrides == {}
     with pytest.raises(ValueError, match="QuantPolicy.head must be one of"):
         QuantPolicy(head="int2")
+
+
+def test_embedding_is_an_explicit_choice():
+    from afedge.quant.policy import EmbeddingQuant
+    model = _model("retnet")
+    default = plan_quant(model, "int4-g32")
+    assert default.embedding is None and default.kept_fp32["embed.weight"] == EMBEDDING
+    assert "embed" not in default.layers
+    int8 = plan_quant(model, "int4-g32", QuantPolicy(embedding="int8"))
+    assert int8.embedding == EmbeddingQuant(8, 0) and int8.layers[-1] == "embed"
+    assert "embed.weight" not in int8.kept_fp32
+    assert int8.shares_tied   # the int8 head (per channel) and the int8 embedding (per row) are one table
+    assert int8.to_json()["embedding"] == {"bits": 8, "group": 0} and int8.to_json()["policy"]["embedding"] == "int8"
+    assert plan_quant(model, "int4-g32", QuantPolicy(embedding="scheme")).embedding == EmbeddingQuant(4, 32)
+    assert not plan_quant(model, "int4-g32", QuantPolicy(embedding="scheme")).shares_tied   # head int8, table int4
+    assert plan_quant(model, "int4-g32", QuantPolicy(embedding="scheme", head="scheme")).shares_tied
+    assert plan_quant(model, "fp32", QuantPolicy(embedding="int8")).embedding is None
+    # d_model 48: int8 rows in the largest power-of-two block (GatherBlockQuantized); int4-g32 does not divide it
+    wide = _model("retnet", d=48)
+    assert plan_quant(wide, "int8", QuantPolicy(embedding="int8")).embedding == EmbeddingQuant(8, 16)
+    kept = plan_quant(wide, "int4-g32", QuantPolicy(embedding="scheme"))
+    assert kept.embedding is None and "not divisible by the group size 32" in kept.kept_fp32["embed.weight"]
+    with pytest.raises(ValueError, match="QuantPolicy.embedding must be one of"):
+        QuantPolicy(embedding="int4")
+
+
+def test_the_simulated_embedding_is_quantized_and_the_fp32_head_keeps_its_table():
+    model = _model("retnet")
+    plan = plan_quant(model, "int8", QuantPolicy(embedding="scheme", head="fp32"))
+    sim = simulated(model, plan, plan.layers)
+    assert sim.head.weight is not sim.embed.weight and torch.equal(sim.head.weight, model.embed.weight)
+    assert torch.equal(sim.embed.weight, fake_quant_weight(model.embed.weight, 8, 0))
+    assert not torch.equal(sim.embed.weight, model.embed.weight)
 
 
 def test_group_size_must_divide_in_features():

@@ -59,13 +59,16 @@ def artifact_roofline(roof: dict, quant: dict | None, model) -> dict | None:
     """The bound for an artifact holding quantized weights (None for fp32 ones: `roof` is theirs). Its weights are
     the bytes its step holds (`quant["methods"]["step"]["weight_bytes"]` where an artifact records each method's
     own file, as ONNX does with one graph per method; else `quant["weight_bytes"]`: integers + scales + the fp32
-    tensors), less the fp32 token embedding but one row, unless an fp32 head tied to it reads it whole."""
+    tensors), less the token embedding but one row (its stored bytes, `embedding_bytes`, when quantized), unless an
+    fp32 head tied to it reads the fp32 table whole."""
     if not quant or quant.get("scheme", "fp32") == "fp32" or not quant.get("weight_bytes"):
         return None
     step = (quant.get("methods") or {}).get("step") or quant
     w = model.embed.weight
-    whole = model.head is not None and model.head.weight is w and quant.get("policy", {}).get("head") == "fp32"
-    weights = int(step["weight_bytes"]) - (0 if whole else (w.numel() - w.shape[1]) * w.element_size())
+    table = int(step.get("embedding_bytes") or quant.get("embedding_bytes") or w.numel() * w.element_size())
+    whole = (model.head is not None and model.head.weight is w and quant.get("policy", {}).get("head") == "fp32"
+             and not quant.get("embedding"))
+    weights = int(step["weight_bytes"]) - (0 if whole else table - table // w.shape[0])
     per_token = weights + roof["state_bytes_per_token"]
     return {"scheme": quant["scheme"], "weight_bytes_per_token": weights, "bytes_per_token": per_token,
             "decode_upper_bound_tok_s": round(roof["bandwidth_gb_s"] * 1e9 / per_token, 2)}

@@ -47,13 +47,20 @@ def _config(scheme: str):
 
 
 def torchao_quantized(model: LM, plan: QuantPlan) -> LM:
-    """A copy of `model` with the plan's layers quantized by torchao (a tied head becomes its own copy)."""
+    """A copy of `model` with the plan's layers quantized by torchao (a tied head becomes its own copy) and, when
+    the plan quantizes it, the embedding as afedge's QuantEmbedding: a gather of int8 / packed int4 rows on
+    ExecuTorch's portable kernels, then their dequantization (torchao's embedding quantization lowers to the
+    quantized_decomposed embedding kernels, which the pip runtime does not register)."""
     import copy
 
     from torchao.quantization import quantize_
+
+    from afedge.quant.weights import QuantEmbedding
     out = copy.deepcopy(model).eval()
-    if "head" in plan.quantized and out.cfg.tie_embeddings:
+    if ("head" in plan.quantized or plan.embedding) and out.cfg.tie_embeddings:
         out.head.weight = nn.Parameter(out.head.weight.detach().clone(), requires_grad=False)
+    if plan.embedding:
+        out.embed = QuantEmbedding(out.embed, *plan.embedding)
     for scheme, layers in plan.groups().items():
         names = set(layers)
         quantize_(out, _config(scheme), filter_fn=lambda m, fqn, names=names: isinstance(m, nn.Linear) and fqn in names)

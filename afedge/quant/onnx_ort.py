@@ -167,12 +167,50 @@ def _reader_cls():
     return Reader
 
 
+def _quantize_embedding(model, table: np.ndarray, bits: int, group: int) -> int:
+    """Replace the Gather reading the fp32 embedding `table` (V, D) with GatherBlockQuantized (com.microsoft) over
+    afedge's own symmetric quantization (afedge.quant.weights: MatMulNBits' rule, peak -> -8 for int4): uint8
+    data, q + 128 for 8 bits, two per byte for 4 bits (low nibble first, + 8), the op's default zero point
+    2^(bits-1). onnxruntime.quantization's own Gather quantizer takes 4 bits only. Returns the bytes it holds."""
+    import torch
+    from onnx import helper, numpy_helper
+
+    from afedge.quant.weights import pack_int4, quantize
+    graph, inits, key = model.graph, _inits(model.graph), _key(table)
+    d = table.shape[1]
+    block = group or d
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"the embedding's block of {block} (d_model {d}) is not a power of two >= 16, as "
+                         f"GatherBlockQuantized needs")
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.input[0] in inits
+               and _key(numpy_helper.to_array(inits[n.input[0]])) == key]
+    if not gathers:
+        raise ValueError("no Gather reads the token embedding's table")
+    q, scale = quantize(torch.from_numpy(table), bits, block)
+    data = (pack_int4(q) if bits == 4 else (q.to(torch.int16) + 128).to(torch.uint8)).numpy()
+    name = gathers[0].input[0]
+    tensors = [numpy_helper.from_array(data, f"{name}.q{bits}"),
+               numpy_helper.from_array(scale.numpy(), f"{name}.scale")]
+    graph.initializer.extend(tensors)
+    for node in gathers:
+        i = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(i, helper.make_node("GatherBlockQuantized", [tensors[0].name, node.input[1], tensors[1].name],
+                                              list(node.output), name=f"{node.name}.q{bits}", domain="com.microsoft",
+                                              bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    _prune(model)
+    return int(data.nbytes + scale.numpy().nbytes)
+
+
 def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], calibration: list[dict] | None,
-                   qnn: bool, accuracy_level: int = 0) -> dict:
+                   qnn: bool, accuracy_level: int = 0, embedding: np.ndarray | None = None) -> dict:
     """Quantize the fp32 graph at `path` in place as `plan` says; returns what the manifest records.
 
     linears: planned layer name -> fp32 weight (N, K); calibration: feeds for static QDQ schemes; accuracy_level:
-    MatMulNBits' compute type for weight-only schemes (4: int8, activations quantized per block at run time)."""
+    MatMulNBits' compute type for weight-only schemes (4: int8, activations quantized per block at run time);
+    embedding: the fp32 token embedding (V, D) when the plan quantizes it (GatherBlockQuantized)."""
     import onnx
     s: Scheme = plan.spec
     model = onnx.load(str(path))
@@ -182,13 +220,13 @@ def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], 
     _name_nodes(model)
     nodes = layer_nodes(model, linears)
     info = {"fp32_weight_bytes": fp32_bytes, "quantized_nodes": len(nodes)}
-    if not nodes:
+    if not nodes and plan.embedding is None:
         info["weight_bytes"] = fp32_bytes
         return info
-    if s.activations == "float":
+    if nodes and s.activations == "float":
         model, info["ops"] = _weight_only(model, plan, nodes, linears, accuracy_level), "MatMulNBits"
         info["accuracy_level"] = accuracy_level
-    else:
+    elif nodes:
         with tempfile.TemporaryDirectory() as tmp:
             src, dst = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
             onnx.save(model, str(src))
@@ -198,6 +236,9 @@ def quantize_graph(path: Path, plan: QuantPlan, linears: dict[str, np.ndarray], 
                 info |= _static(src, dst, model, list(nodes), s, calibration or [], qnn)
             model = onnx.load(str(dst))
         _restore_gemm(model)
+    if plan.embedding is not None:
+        info["embedding_bytes"] = _quantize_embedding(model, embedding, *plan.embedding)
+        info["embedding_ops"] = "GatherBlockQuantized"
     info["weight_bytes"] = weight_bytes(model)
     tmp_path = path.with_name(path.name + ".tmp")
     onnx.save(model, str(tmp_path))

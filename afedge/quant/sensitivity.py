@@ -49,7 +49,7 @@ def simulated_error(model: LM, plan: QuantPlan, length: int = PROMPT_LEN) -> tup
     """(SQNR dB, top-1) of the model's logits with the whole plan quantized (simulated)."""
     tokens = _tokens(model, length)
     ref = logits_of(model, tokens)
-    got = logits_of(simulated(model, plan, plan.quantized, tokens), tokens)
+    got = logits_of(simulated(model, plan, plan.layers, tokens), tokens)
     return metrics.sqnr_db(got, ref), metrics.top1_agreement(got, ref)
 
 
@@ -80,7 +80,7 @@ def gate_probe(model: LM, workload: Workload = GATE_WORKLOAD) -> GateProbe:
 @torch.no_grad()
 def gate_logits(model: LM, plan: QuantPlan, probe: GateProbe) -> torch.Tensor:
     """The simulated plan's logits at the probe's scored positions, teacher-forced on its tokens as the gate is."""
-    return logits_of(simulated(model, plan, plan.quantized, probe.tokens), probe.tokens)[:, probe.scored]
+    return logits_of(simulated(model, plan, plan.layers, probe.tokens), probe.tokens)[:, probe.scored]
 
 
 def gate_error(model: LM, plan: QuantPlan, probe: GateProbe) -> tuple[float, float]:

@@ -1,9 +1,10 @@
 """Weight quantization in torch: symmetric per-channel int8 and groupwise int4 (packed two per byte).
 
-These are the reference numerics of afedge's own realisations (TVM's dequantize-in-graph weights) and of the
-sensitivity report's simulation; ONNX Runtime and torchao quantize with their own (equivalent) kernels.
-`QuantLinear` holds the packed integers plus fp32 scales as buffers and dequantizes inside `forward`, so an
-exported graph carries the small integers and the dequantization as ops.
+These are the reference numerics of afedge's own realisations (TVM's dequantize-in-graph weights, every exporter's
+quantized embedding) and of the sensitivity report's simulation; ONNX Runtime and torchao quantize Linear layers
+with their own (equivalent) kernels. `QuantLinear` and `QuantEmbedding` hold the packed integers plus fp32 scales
+as frozen parameters and dequantize inside `forward`, so an exported graph carries the small integers and the
+dequantization as ops.
 """
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["quantize", "dequantize", "pack_int4", "unpack_int4", "QuantLinear", "quantized_copy", "fake_quant_weight",
-           "fake_quant_activation"]
+__all__ = ["quantize", "dequantize", "pack_int4", "unpack_int4", "QuantLinear", "QuantEmbedding", "quantized_copy",
+           "embedding_bytes", "fake_quant_weight", "fake_quant_activation"]
 
 _QMAX = {8: 127, 4: 7}
 
@@ -43,10 +44,9 @@ def quantize(w: Tensor, bits: int, group: int = 0) -> tuple[Tensor, Tensor]:
 
 
 def dequantize(q: Tensor, scale: Tensor) -> Tensor:
-    """q: (N, K) integers, scale: (N, G) -> (N, K) float32."""
-    n, k = q.shape
-    g = scale.shape[1]
-    return (q.to(torch.float32).reshape(n, g, k // g) * scale[..., None]).reshape(n, k)
+    """q: (..., K) integers, scale: (..., G) -> (..., K) float32."""
+    g, k = scale.shape[-1], q.shape[-1]
+    return (q.to(torch.float32).unflatten(-1, (g, k // g)) * scale[..., None]).flatten(-2)
 
 
 def pack_int4(q: Tensor) -> Tensor:
@@ -56,15 +56,25 @@ def pack_int4(q: Tensor) -> Tensor:
 
 
 def _nibbles(p: Tensor) -> tuple[Tensor, Tensor]:
-    """p: (N, K // 2) uint8 -> (elements 0, 2, 4, ..., elements 1, 3, 5, ...), each (N, K // 2) int32 in [-8, 7]
-    (in int32: TVM's importer types scalar operands int32)."""
+    """p: (..., K // 2) uint8 -> (elements 0, 2, 4, ..., elements 1, 3, 5, ...), each (..., K // 2) int32 in
+    [-8, 7] (in int32: TVM's importer types scalar operands int32)."""
     p = p.to(torch.int32)
     return torch.remainder(p, 16) - 8, torch.div(p, 16, rounding_mode="floor") - 8
 
 
 def unpack_int4(p: Tensor) -> Tensor:
-    """p: (N, K // 2) uint8 -> (N, K) int32 in [-8, 7]."""
-    return torch.stack(_nibbles(p), dim=-1).reshape(p.shape[0], -1)
+    """p: (..., K // 2) uint8 -> (..., K) int32 in [-8, 7]."""
+    return torch.stack(_nibbles(p), dim=-1).flatten(-2)
+
+
+def _stored(w: Tensor, bits: int, group: int) -> tuple[nn.Parameter, nn.Parameter]:
+    """w (N, K) as frozen parameters (integers: int8, or int4 packed (N, K // 2) uint8; fp32 scales (N, G)).
+
+    Parameters, not buffers: TVM's importer lifts only parameters to inputs (keep_params_as_input), which is what
+    keeps the integers from being folded back into fp32 constants."""
+    q, scale = quantize(w, bits, group)
+    return (nn.Parameter(pack_int4(q) if bits == 4 else q, requires_grad=False),
+            nn.Parameter(scale, requires_grad=False))
 
 
 class QuantLinear(nn.Module):
@@ -77,11 +87,7 @@ class QuantLinear(nn.Module):
     def __init__(self, linear: nn.Linear, bits: int, group: int = 0) -> None:
         super().__init__()
         self.bits, self.in_features, self.out_features = bits, linear.in_features, linear.out_features
-        q, scale = quantize(linear.weight, bits, group)
-        # Parameters (frozen), not buffers: TVM's importer lifts only parameters to inputs (keep_params_as_input),
-        # which is what keeps the integers from being folded back into fp32 constants.
-        self.qweight = nn.Parameter(pack_int4(q) if bits == 4 else q, requires_grad=False)
-        self.scale = nn.Parameter(scale, requires_grad=False)
+        self.qweight, self.scale = _stored(linear.weight, bits, group)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def _ints(self) -> Tensor:
@@ -113,6 +119,30 @@ class QuantLinear(nn.Module):
                f"groups={self.scale.shape[1]}"
 
 
+class QuantEmbedding(nn.Module):
+    """A token embedding stored quantized: int8 (V, D), or int4 packed (V, D // 2), with fp32 scales (V, G).
+
+    forward(tokens (...,) int64) -> (..., D): gathers the tokens' rows of integers and scales, then dequantizes
+    only those rows (a decode step reads one row of the table, not the table)."""
+
+    def __init__(self, embed: nn.Embedding, bits: int, group: int = 0) -> None:
+        super().__init__()
+        self.bits, self.num_embeddings, self.embedding_dim = bits, embed.num_embeddings, embed.embedding_dim
+        self.qweight, self.scale = _stored(embed.weight, bits, group)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        rows = F.embedding(tokens, self.qweight)
+        return dequantize(unpack_int4(rows) if self.bits == 4 else rows, F.embedding(tokens, self.scale))
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, bits={self.bits}, groups={self.scale.shape[1]}"
+
+
+def embedding_bytes(model: nn.Module) -> int:
+    """Bytes the token embedding (`model.embed`) holds: its integers and scales when quantized."""
+    return sum(p.numel() * p.element_size() for p in model.embed.parameters())
+
+
 def fake_quant_weight(w: Tensor, bits: int, group: int = 0) -> Tensor:
     """quantize then dequantize `w` (N, K): the weight a realisation computes with."""
     return dequantize(*quantize(w, bits, group))
@@ -127,13 +157,20 @@ def fake_quant_activation(x: Tensor, bits: int = 8) -> Tensor:
     return (torch.clamp(torch.round(x / scale) + zero, qmin, qmax) - zero) * scale
 
 
-def quantized_copy(model: nn.Module, layers: dict[str, tuple[int, int]]) -> nn.Module:
-    """A deep copy of `model` whose Linear modules named in `layers` ({name: (bits, group)}) are QuantLinear
-    (the original is untouched; a tied head becomes a separate quantized copy)."""
+def quantized_copy(model: nn.Module, layers: dict[str, tuple[int, int]],
+                   embedding: tuple[int, int] | None = None) -> nn.Module:
+    """A deep copy of `model` whose Linear modules named in `layers` ({name: (bits, group)}) are QuantLinear and,
+    with `embedding` (bits, group), whose `embed` is a QuantEmbedding (the original is untouched). A tied head
+    quantized as the embedding is shares its integers and scales; otherwise it becomes a separate quantized copy."""
     import copy
     out = copy.deepcopy(model)
     for name, (bits, group) in layers.items():
         parent, _, leaf = name.rpartition(".")
         owner = out.get_submodule(parent) if parent else out
         setattr(owner, leaf, QuantLinear(getattr(owner, leaf), bits, group))
+    if embedding is not None:
+        out.embed = QuantEmbedding(out.embed, *embedding)
+        head = getattr(model, "head", None)
+        if tuple(layers.get("head", ())) == tuple(embedding) and head is not None and head.weight is model.embed.weight:
+            out.head.qweight, out.head.scale = out.embed.qweight, out.embed.scale
     return out.eval()
