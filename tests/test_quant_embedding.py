@@ -4,6 +4,7 @@ Each exporter quantizes only the embedding here (every Linear kept fp32 by the p
 as the torch simulation of that one choice does (fp32 tolerance: the dequantization is exact arithmetic), and away
 from the fp32 model (the table really is quantized). ONNX Runtime: GatherBlockQuantized; TVM and ExecuTorch:
 afedge's QuantEmbedding gather, dequantized in the graph. A tied head quantized alike shares the integers.
+The ONNX int8 and ExecuTorch cases run under `-m slow` (`pytest -m slow tests/test_quant_embedding.py`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ load_plugins()
 ONLY_EMBEDDING = dict(head="fp32", keep_fp32=("blocks",))   # every Linear stays fp32
 CASES = [("onnx", "int8", "int8"), ("onnx", "int4-g32", "scheme"), ("tvm", "int4-g32", "scheme"),
          ("executorch", "int8", "int8")]
+SLOW = {("onnx", "int8", "int8"), ("executorch", "int8", "int8")}   # the default suite keeps one case per op
 
 
 def _model() -> LM:
@@ -38,7 +40,8 @@ def _logits(session, tokens: np.ndarray) -> np.ndarray:
     return np.concatenate([logits, step])
 
 
-@pytest.mark.parametrize("exporter,quant,embedding", CASES, ids=[f"{e}-{q}-{m}" for e, q, m in CASES])
+@pytest.mark.parametrize("exporter,quant,embedding", [
+    pytest.param(*c, id="-".join(c), marks=[pytest.mark.slow] if c in SLOW else []) for c in CASES])
 def test_an_exported_quantized_embedding_computes_as_simulated(exporter, quant, embedding, tmp_path):
     from afedge.runtimes.torch import TorchSession
     model, target = _model(), load_target("host")
