@@ -10,10 +10,15 @@ from afedge.target import load_target, target_names
 
 load_plugins()
 
-# Targets whose whole matrix runs in the default suite; the others run their matrix under `slow`, except the
-# representative mixers below, which run everywhere by default.
+# The default suite (every other flow of FLOWS runs under `slow`, `make test-slow`). ExecuTorch's and TVM's lowering
+# of even a tiny model takes 10-40 s a flow, so: on FAST_TARGETS every mixer on FAST_EXPORTERS and the
+# representative mixers on the other exporters; on MAIN_TARGET the representative mixers on every exporter; on each
+# other target ONE_MIXER, except where the target's settings for that exporter are MAIN_TARGET's (the same artifact).
 FAST_TARGETS = ("host",)
+FAST_EXPORTERS = ("onnx",)
+MAIN_TARGET = "android-arm64"
 REPRESENTATIVE = ("retnet", "mamba")
+ONE_MIXER = "mamba"
 
 # Known gaps: (exporter, target) -> why no artifact of that flow can be proven on this machine.
 GAPS = {
@@ -100,7 +105,11 @@ class Flow:
     def slow(self) -> bool:
         if self.quant_flow:
             return self.mixer not in QUANT_FAST.get((self.exporter, self.quant), ())
-        return self.target not in FAST_TARGETS and self.mixer not in REPRESENTATIVE
+        if self.target in FAST_TARGETS:
+            return self.exporter not in FAST_EXPORTERS and self.mixer not in REPRESENTATIVE
+        if self.target == MAIN_TARGET:
+            return self.mixer not in REPRESENTATIVE
+        return self.mixer != ONE_MIXER or builds_as_main(self.exporter, self.target)
 
     @property
     def gap(self) -> str:
@@ -109,6 +118,15 @@ class Flow:
     @property
     def quant_gap(self) -> str:
         return QUANT_GAPS.get((self.mixer, self.exporter, self.quant), "")
+
+
+@cache
+def builds_as_main(exporter: str, target: str) -> bool:
+    """Whether `exporter` builds for `target` what it builds for MAIN_TARGET (same scheme, shapes and section)."""
+    def settings(name: str) -> tuple:
+        t = load_target(name)
+        return t.quant, t.prefill_len, t.chunk_size, t.shape_policy, getattr(t, exporter)
+    return exporter in load_target(MAIN_TARGET).exporters and settings(target) == settings(MAIN_TARGET)
 
 
 def all_flows() -> list[Flow]:
