@@ -11,6 +11,7 @@ import os
 import tempfile
 
 import numpy as np
+from op_table import print_ops
 
 
 def profile(path: str, feed: dict, runs: int, threads: int) -> tuple[float, list[tuple[str, float, int]]]:
@@ -55,11 +56,7 @@ def main() -> None:
              "prefill": {"tokens": np.zeros((info.batch, info.prefill_len), dtype=np.int64)} | state}
     print(f"load average {os.getloadavg()}")
     for method in ("step", "prefill"):
-        wall, ops = profile(str(b.file(art.files[method])), feeds[method], a.runs, a.threads)
-        kernels = sum(ms for _, ms, _ in ops)
-        print(f"{method}: {wall:.2f} ms per run (wall), {kernels:.2f} ms in kernels")
-        for op, ms, n in ops[:a.top]:
-            print(f"  {op:16s} {ms:8.2f} ms  {ms / kernels:6.1%}  {n} nodes")
+        print_ops(method, *profile(str(b.file(art.files[method])), feeds[method], a.runs, a.threads), a.top)
 
 
 if __name__ == "__main__":
