@@ -2,8 +2,8 @@
 
     nice -n 0 .venv/bin/python benchmarks/et_profile.py out/bench/m130-8da4w --runs 10
 
-Each XNNPACK operator event (`Fully Connected (NC, QDU8, F32, QB4W) GEMM #12`) is grouped by its kind; the
-delegate's call time less the operators' own times is its per-operator overhead.
+Each XNNPACK operator event (`Fully Connected (NC, QDU8, F32, QB4W) GEMM #12`) is grouped by its kind; the wall
+time less the operators' own times is what the method call and the delegate add around them.
 """
 from __future__ import annotations
 
@@ -63,6 +63,7 @@ def main() -> None:
     for method in ("step", "prefill"):
         wall, kinds = profile(b.file(art.files[method]), method, inputs[method], a.runs)
         print_ops(method, wall, [k for k in kinds if k[0] not in DRIVER_EVENTS], a.top)
+
 
 if __name__ == "__main__":
     main()
